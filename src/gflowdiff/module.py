@@ -1,0 +1,222 @@
+"""The LightningModule: rollout → reward → objective → optimizer. Orchestration and logging only; no equations.
+
+One ``training_step`` consumes one batch of prompts: it samples a rollout with the current policy (no gradients),
+asks the objective which transitions to train on, and runs ``optimizer_steps_per_rollout`` optimizer steps over
+them, with a backward per chunk of ``train_batch_size`` transitions (memory) and gradient accumulation across the
+chunks of a step. Optimization is manual: the number of backward passes per step depends on the objective.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+
+from gflowdiff.checkpointing import TRAINABLE_STATE_KEY, restore_trainable_state, trainable_state
+from gflowdiff.flow_head import FlowHead, FlowHeadConfig
+from gflowdiff.images import image_grid
+from gflowdiff.objectives.base import Objective, ObjectiveContext
+from gflowdiff.policy import DiffusionPolicy, LoRAConfig
+from gflowdiff.rewards.base import Reward
+from gflowdiff.sampling import SamplerConfig, sample_rollout
+from gflowdiff.types import Rollout
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def step_generator(seed: int, rank: int, rollout_index: int) -> torch.Generator:
+    """All randomness of one rollout and its subsampling, as a pure function of (seed, rank, rollout index): a
+    resumed run redraws exactly, and every rank draws differently (method.md §7 item 3: the reference seeds every
+    rank identically)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7_919 + rollout_index + 1_000_000_000)
+
+
+class GFlowDiffModule(L.LightningModule):
+    """Fine-tunes a diffusion model's LoRA (and a flow head, if the objective has one) against a reward.
+
+    Args:
+        objective: the training objective (``ResidualNablaDB``, ``NablaDB``, ...).
+        reward: the reward model; frozen, fp32, never checkpointed.
+        pretrained_model: hub id, local diffusers folder, or ``embedded:digits``.
+        revision: hub revision of ``pretrained_model``.
+        frozen_dtype: dtype of the frozen UNet, VAE and text encoder (``bfloat16`` on GPU).
+        lora: LoRA rank, alpha and target modules.
+        sampler: steps, guidance scale and η of the sampler that defines the policy.
+        flow_head: size of the flow head g_φ (built only if the objective uses one).
+        optimizer: optimizer for the LoRA group (its lr/weight_decay); the flow head gets its own group.
+        flow_head_lr: learning rate of the flow head group (default: the optimizer's).
+        flow_head_weight_decay: weight decay of the flow head group (default: the optimizer's).
+        train_batch_size: transitions per backward pass.
+        optimizer_steps_per_rollout: optimizer steps that share one rollout (its chunks are split among them).
+        max_grad_norm: gradient-norm clip, applied to each parameter group separately; 0 disables.
+        off_policy: train on the previous rollout while keeping the fresh one (the reference's one-epoch-stale
+            data, method.md §3.4); default: on-policy.
+        seed: seed of rollouts and subsampling (offset by the rank on each device).
+        log_images_every_n_steps: interval of the TensorBoard sample grid; 0 disables.
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        reward: Reward,
+        pretrained_model: str = "embedded:digits",
+        revision: str | None = None,
+        frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        lora: LoRAConfig = LoRAConfig(),  # noqa: B008 (a dataclass: a plain config value)
+        sampler: SamplerConfig = SamplerConfig(),  # noqa: B008
+        flow_head: FlowHeadConfig = FlowHeadConfig(),  # noqa: B008
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        flow_head_lr: float | None = None,
+        flow_head_weight_decay: float | None = None,
+        train_batch_size: int = 4,
+        optimizer_steps_per_rollout: int = 1,
+        max_grad_norm: float = 1.0,
+        off_policy: bool = False,
+        seed: int = 0,
+        log_images_every_n_steps: int = 50,
+    ):
+        super().__init__()
+        if train_batch_size < 1:
+            raise ValueError("--model.train_batch_size must be >= 1")
+        if optimizer_steps_per_rollout < 1:
+            raise ValueError("--model.optimizer_steps_per_rollout must be >= 1")
+        if max_grad_norm < 0:
+            raise ValueError("--model.max_grad_norm must be >= 0")
+        objective.check_compatible(reward)  # before any heavy loading
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the trainable state (checkpointing.py)
+
+        self.objective, self.reward, self.sampler = objective, reward, sampler
+        self.optimizer_factory = optimizer
+        self.flow_head_lr, self.flow_head_weight_decay = flow_head_lr, flow_head_weight_decay
+        self.train_batch_size, self.optimizer_steps_per_rollout = train_batch_size, optimizer_steps_per_rollout
+        self.max_grad_norm, self.off_policy, self.seed = max_grad_norm, off_policy, seed
+        self.log_images_every_n_steps = log_images_every_n_steps
+
+        self.policy = DiffusionPolicy(pretrained_model, revision, lora, DTYPES[frozen_dtype])
+        self.flow_head = (
+            FlowHead(flow_head, self.policy.latent_channels, self.policy.latent_size, self.policy.text_hidden_size)
+            if objective.uses_flow_head
+            else None
+        )
+        self.trainable_names = {name for name, p in self.named_parameters() if p.requires_grad}
+        self.rollouts_done = 0
+        self.rollout_buffer: Rollout | None = None
+
+    # ---- optimizer ---------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups: list[dict[str, Any]] = [{"params": self.policy.lora_parameters(), "name": "lora"}]
+        if self.flow_head is not None:
+            flow_group: dict[str, Any] = {"params": list(self.flow_head.parameters()), "name": "flow_head"}
+            if self.flow_head_lr is not None:
+                flow_group["lr"] = self.flow_head_lr
+            if self.flow_head_weight_decay is not None:
+                flow_group["weight_decay"] = self.flow_head_weight_decay
+            groups.append(flow_group)
+        return self.optimizer_factory(groups)
+
+    # ---- training ----------------------------------------------------------------------------------------------
+    def context(self, generator: torch.Generator) -> ObjectiveContext:
+        return ObjectiveContext(self.policy, self.reward, self.sampler, self.flow_head, generator)
+
+    def training_step(self, prompts: list[str], batch_idx: int) -> None:
+        started = time.perf_counter()
+        generator = step_generator(self.seed, self.global_rank, self.rollouts_done)
+        rollout = sample_rollout(self.policy, prompts, self.reward, self.sampler, generator)
+        self.rollouts_done += 1
+        if not torch.isfinite(rollout.rewards).all():
+            raise FloatingPointError(
+                f"--model.reward {type(self.reward).__name__} returned NaN/inf for "
+                f"{int((~torch.isfinite(rollout.rewards)).sum())} of {len(rollout.rewards)} samples"
+            )
+        rollout_seconds = time.perf_counter() - started
+        self.log_rollout(rollout)
+        if self.off_policy:
+            rollout, self.rollout_buffer = self.rollout_buffer, rollout
+            if rollout is None:  # the first rollout only fills the buffer, as in the reference
+                return
+
+        transitions = self.objective.transitions(rollout, generator)
+        chunks = transitions.split(self.train_batch_size)
+        groups = [g for g in (chunks[i :: self.optimizer_steps_per_rollout] for i in range(self.optimizer_steps_per_rollout)) if g]
+        optimizer = self.optimizers()
+        context = self.context(generator)
+        totals: dict[str, float] = {}
+        for group in groups:
+            optimizer.zero_grad(set_to_none=True)
+            for chunk in group:
+                output = self.objective.loss(chunk, context)
+                if not torch.isfinite(output.loss):
+                    raise FloatingPointError(f"non-finite loss from {type(self.objective).__name__}: {output.metrics}")
+                self.manual_backward(output.loss / len(group))
+                for key, value in output.metrics.items():
+                    totals[key] = totals.get(key, 0.0) + float(value) / (len(group) * len(groups))
+            totals.update(self.clip_gradients_per_group(optimizer))
+            # One optimizer step per accumulation: the reference calls scaler.step() *and* optimizer.step(), i.e.
+            # two AdamW updates on the same gradients (method.md §4.2, §7 item 2). Fixed here.
+            optimizer.step()
+        totals["train/transitions"] = float(len(transitions))
+        totals["train/rollout_seconds"] = rollout_seconds
+        totals["train/step_seconds"] = time.perf_counter() - started
+        self.log_dict(totals, on_step=True, prog_bar=False, batch_size=len(prompts))
+        self.log("loss", totals.get("objective/loss", math.nan), prog_bar=True, batch_size=len(prompts))
+
+    def clip_gradients_per_group(self, optimizer) -> dict[str, float]:
+        """Clip each parameter group to ``max_grad_norm`` (the reference clips LoRA and flow head separately)."""
+        norms = {}
+        for group in optimizer.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            norms[f"grad_norm/{group.get('name', 'group')}"] = float(norm)
+        return norms
+
+    def log_rollout(self, rollout: Rollout) -> None:
+        rewards = self.all_gather(rollout.rewards).reshape(-1).float()
+        batch = len(rollout.rewards)
+        self.log("reward/mean", rewards.mean(), prog_bar=True, batch_size=batch, rank_zero_only=True)
+        self.log("reward/std", rewards.std(), batch_size=batch, rank_zero_only=True)
+        self.log("reward/max", rewards.max(), batch_size=batch, rank_zero_only=True)
+        self.log("reward/min", rewards.min(), batch_size=batch, rank_zero_only=True)
+        step = self.global_step
+        every = self.log_images_every_n_steps
+        if every and step % every == 0 and self.global_rank == 0:
+            self.log_image("samples/train", rollout.images, step)
+
+    def log_image(self, tag: str, images: Tensor, step: int) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_image"):
+            experiment.add_image(tag, image_grid(images), step)
+
+    # ---- evaluation --------------------------------------------------------------------------------------------
+    def evaluation_step(self, prompts: list[str], batch_idx: int, stage: str) -> None:
+        generator = step_generator(self.seed + 1, self.global_rank, batch_idx)  # the same noise at every evaluation
+        rollout = sample_rollout(self.policy, prompts, self.reward, self.sampler, generator)
+        self.log(f"{stage}/reward_mean", rollout.rewards.mean(), batch_size=len(prompts), sync_dist=True)
+        if batch_idx == 0 and self.global_rank == 0:
+            self.log_image(f"samples/{stage}", rollout.images, self.global_step)
+
+    def validation_step(self, prompts: list[str], batch_idx: int) -> None:
+        self.evaluation_step(prompts, batch_idx, "val")
+
+    def test_step(self, prompts: list[str], batch_idx: int) -> None:
+        self.evaluation_step(prompts, batch_idx, "test")
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = trainable_state(self)
+        checkpoint[TRAINABLE_STATE_KEY] = {
+            "rollouts_done": self.rollouts_done,
+            "rollout_buffer": None if self.rollout_buffer is None else self.rollout_buffer.to_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_trainable_state(self, checkpoint)

@@ -1,0 +1,59 @@
+"""The Objective contract: what a training objective gets from the framework and what it returns."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from gflowdiff.flow_head import FlowHead
+from gflowdiff.policy import DiffusionPolicy
+from gflowdiff.rewards.base import Reward
+from gflowdiff.sampling import SamplerConfig
+from gflowdiff.types import ObjectiveOutput, Rollout, Transitions
+
+
+@dataclass
+class ObjectiveContext:
+    """What an objective may call during its loss: the policy, the reward, the sampler and the flow head."""
+
+    policy: DiffusionPolicy
+    reward: Reward
+    sampler: SamplerConfig
+    flow_head: FlowHead | None
+    generator: torch.Generator
+
+
+class Objective(nn.Module, ABC):
+    """A training objective. The LightningModule samples a rollout, calls :meth:`transitions` once, splits the
+    result into chunks of ``--model.train_batch_size`` and backpropagates :meth:`loss` of each chunk.
+
+    Objectives keep any state that must survive a resume (e.g. DDPO's per-prompt statistics) as buffers.
+    """
+
+    #: The objective differentiates the reward with respect to the image (∇-DB, ReFL, DRaFT).
+    requires_reward_gradient: ClassVar[bool] = False
+
+    @property
+    def uses_flow_head(self) -> bool:
+        return False
+
+    def check_compatible(self, reward: Reward) -> None:
+        """Raise before any heavy work if this objective cannot train on ``reward``."""
+        if self.requires_reward_gradient and not reward.differentiable:
+            raise ValueError(
+                f"--model.objective {type(self).__name__} needs the reward's gradient, but --model.reward "
+                f"{type(reward).__name__} is not differentiable; use a policy-gradient objective (e.g. DDPO) "
+                f"or a differentiable reward"
+            )
+
+    @abstractmethod
+    def transitions(self, rollout: Rollout, generator: torch.Generator) -> Transitions:
+        """The transitions to train on for this rollout (e.g. a subsample of the steps)."""
+
+    @abstractmethod
+    def loss(self, chunk: Transitions, ctx: ObjectiveContext) -> ObjectiveOutput:
+        """Loss of one chunk of transitions, averaged over it; metrics are detached scalars."""

@@ -1,0 +1,240 @@
+"""Shared machinery of the gradient-informed detailed-balance objectives (∇-DB and residual ∇-DB).
+
+Both regress the policy's scores of a transition x → x' onto "prior" scores plus flow scores (method.md §2.2–2.3):
+
+    forward:  ∇_{x'} log P_F(x'|x) − prior_fwd  =  ∇_{x'} log F(x')      (terminal: β·∇ log R(x_T))
+    reverse:  ∇_x    log P_F(x'|x) − prior_rev  = −∇_x    log F(x)
+
+where the prior is the backward policy P_B (∇-DB) or the pretrained policy P_F^# (residual ∇-DB). The flow score is
+parameterised "forward-looking" (§2.4): ∇ log F(x_t) ≈ g_φ(x_t, t, c) + β·γ_t·∇_{x_t} r(D(x̂0_θ(x_t, t))).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from gflowdiff.diffusion_math import (
+    ddim_mean,
+    ddim_std,
+    forward_score,
+    per_sample,
+    predicted_x0,
+    reverse_score,
+)
+from gflowdiff.objectives.base import Objective, ObjectiveContext
+from gflowdiff.subsampling import flatten_steps, subsample_steps
+from gflowdiff.types import ObjectiveOutput, Rollout, Transitions
+
+GuessWeighting = Literal["alpha_bar", "sqrt_alpha_bar", "one", "off"]
+
+
+# ---- pure math ------------------------------------------------------------------------------------------------------
+def guess_weight(abar: Tensor, mode: GuessWeighting) -> Tensor:
+    """γ_t of the forward-looking reward guess. ``alpha_bar`` is the reference default ('squared': (√ᾱ_t)² = ᾱ_t),
+    ``sqrt_alpha_bar`` its other mode; both switch the one-step guess off at high noise, where x̂0 is unreliable."""
+    if mode == "alpha_bar":
+        return abar
+    if mode == "sqrt_alpha_bar":
+        return abar.sqrt()
+    if mode == "one":
+        return torch.ones_like(abar)
+    return torch.zeros_like(abar)
+
+
+def nabla_db_residuals(
+    policy_fwd: Tensor, prior_fwd: Tensor, flow_next: Tensor, policy_rev: Tensor | None, prior_rev: Tensor | None,
+    flow_cur: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Residuals of the forward and reverse ∇-DB conditions (method.md §2.2–2.3); zero when detailed balance holds.
+
+    Notation: ``policy_*`` → ∇ log P_F(x'|x); ``prior_*`` → ∇ log P_B(x|x') or ρ·∇ log P_F^#(x'|x);
+    ``flow_next`` → ∇_{x'} log F(x') (β·∇ log R(x_T) on terminal transitions); ``flow_cur`` → ∇_x log F(x).
+    """
+    forward = policy_fwd - prior_fwd - flow_next
+    reverse = None if policy_rev is None else policy_rev - prior_rev + flow_cur
+    return forward, reverse
+
+
+def mean_square(x: Tensor) -> Tensor:
+    """Mean over all elements, as the reference does (not a sum: the scale is independent of the image size)."""
+    return x.pow(2).mean()
+
+
+# ---- the objective --------------------------------------------------------------------------------------------------
+@dataclass
+class _Scores:
+    forward: Tensor
+    reverse: Tensor | None
+
+
+class GradientDBObjective(Objective):
+    """Base of ∇-DB and residual ∇-DB; subclasses define the prior scores.
+
+    Args:
+        reward_scale: β, the reward exponent of the target (R^β); multiplies every reward gradient.
+        reverse_loss_scale: w_B, weight of the reverse condition; 0 trains with the forward condition only.
+        trust_region_scale: λ, weight of mean‖ε̂_θ(x,t) − ε̂_old(x,t)‖² against the behaviour model's stored CFG
+            output (method.md §2.8).
+        use_flow_head: learn the correction g_φ; False trusts the forward-looking reward guess alone (the
+            reference's ``no_flow``: also sets the reverse weight to 0).
+        reward_guess_weighting: γ_t of the forward-looking guess; ``off`` leaves the flow score to g_φ alone.
+        reverse_loss_trains_policy: also backpropagate the reverse residual into the policy (second-order autograd
+            through the UNet, much more expensive). The reference uses the reverse term only to train g_φ.
+        timestep_fraction: fraction of the T steps trained per trajectory (K = int(T·fraction) + 1 with the terminal).
+        low_variance_subsampling: stratify the trained steps over contiguous chunks (method.md §2.10).
+    """
+
+    requires_reward_gradient = True
+
+    def __init__(
+        self,
+        reward_scale: float = 1.0,
+        reverse_loss_scale: float = 1.0,
+        trust_region_scale: float = 0.0,
+        use_flow_head: bool = True,
+        reward_guess_weighting: GuessWeighting = "alpha_bar",
+        reverse_loss_trains_policy: bool = False,
+        timestep_fraction: float = 0.1,
+        low_variance_subsampling: bool = True,
+    ):
+        super().__init__()
+        if reward_scale < 0:
+            raise ValueError("--model.objective.reward_scale must be >= 0")
+        if reverse_loss_scale < 0:
+            raise ValueError("--model.objective.reverse_loss_scale must be >= 0")
+        if trust_region_scale < 0:
+            raise ValueError("--model.objective.trust_region_scale must be >= 0")
+        if not 0 < timestep_fraction <= 1:
+            raise ValueError("--model.objective.timestep_fraction must be in (0, 1]")
+        self.reward_scale = reward_scale
+        self.reverse_loss_scale = reverse_loss_scale if use_flow_head else 0.0
+        self.trust_region_scale = trust_region_scale
+        self.use_flow_head = use_flow_head
+        self.reward_guess_weighting = reward_guess_weighting
+        self.reverse_loss_trains_policy = reverse_loss_trains_policy
+        self.timestep_fraction = timestep_fraction
+        self.low_variance_subsampling = low_variance_subsampling
+
+    @property
+    def uses_flow_head(self) -> bool:
+        return self.use_flow_head
+
+    def transitions(self, rollout: Rollout, generator: torch.Generator) -> Transitions:
+        steps = subsample_steps(
+            rollout.num_steps, rollout.batch_size, self.timestep_fraction, self.low_variance_subsampling, generator
+        )
+        return rollout.transitions(*flatten_steps(steps))
+
+    @abstractmethod
+    def prior_scores(
+        self, chunk: Transitions, ctx: ObjectiveContext, std: Tensor, abar_t: Tensor, abar_prev: Tensor
+    ) -> _Scores:
+        """Scores of the prior the policy's residual is measured against (reverse is None when w_B = 0)."""
+
+    # ---- flow scores --------------------------------------------------------------------------------------------
+    def reward_gradient(self, x: Tensor, x0_hat: Tensor, prompts: list[str], ctx: ObjectiveContext) -> Tensor:
+        """∇_x r(D(x̂0(x))), detached: a target, not a path for gradients. ``x0_hat`` must be a function of ``x``.
+
+        The reward sees the prompts of these transitions' own trajectories. (Fixes the reference, which passes the
+        prompts left over from the last sampling batch: method.md §7 item 4.)
+        """
+        rewards = ctx.reward(ctx.policy.decode(x0_hat), prompts)
+        if not torch.isfinite(rewards).all():
+            raise FloatingPointError("the reward returned NaN/inf on a forward-looking x̂0 (see --model.reward)")
+        (gradient,) = torch.autograd.grad(rewards.sum(), x, retain_graph=True)
+        return gradient.detach()
+
+    def flow_score_next(self, chunk: Transitions, ctx: ObjectiveContext, abar_prev: Tensor) -> tuple[Tensor, Tensor]:
+        """∇_{x'} log F(x'): exact β·∇r(x_T) on terminal transitions (γ = 1, the paper's terminal condition; the
+        reference multiplies by ᾱ_0 ≈ 0.999), else g_φ(x', t−Δ) + β·γ·∇_{x'} r(D(x̂0_θ(x', t−Δ))).
+        Returns (flow score, g_φ(x') on the terminal rows for the terminal loss)."""
+        terminal = chunk.is_terminal
+        x_next = chunk.x_next.detach().requires_grad_(True)
+        guess = torch.zeros_like(x_next)
+        gamma = per_sample(guess_weight(abar_prev, self.reward_guess_weighting), x_next)
+        with torch.enable_grad():
+            x0_hat = x_next
+            if (~terminal).any() and self.reward_guess_weighting != "off":
+                rows = (~terminal).nonzero().squeeze(1)
+                eps = ctx.policy.predict_noise(
+                    x_next[rows], chunk.t_prev[rows], chunk.prompt_embeds[rows], chunk.negative_embeds[rows],
+                    ctx.sampler.guidance_scale,
+                )
+                x0_rows = predicted_x0(x_next[rows], eps, abar_prev[rows])
+                x0_hat = x_next.index_put((rows,), x0_rows)
+            if terminal.any() or self.reward_guess_weighting != "off":
+                guess = self.reward_gradient(x_next, x0_hat, chunk.prompts, ctx)
+        weight = torch.where(per_sample(terminal, guess).bool(), torch.ones_like(gamma), gamma)
+        flow = self.reward_scale * weight * guess
+        g_terminal = x_next.new_zeros(0)
+        if self.use_flow_head:
+            g = ctx.flow_head(chunk.x_next, chunk.t_prev, chunk.prompt_embeds)
+            mask = per_sample(terminal, g)
+            flow = flow + (1 - mask) * g  # no g on terminal states: the terminal condition is exact
+            g_terminal = g[terminal]
+        return flow, g_terminal
+
+    def flow_score_current(
+        self, chunk: Transitions, x: Tensor, eps: Tensor, abar_t: Tensor, ctx: ObjectiveContext
+    ) -> Tensor:
+        """∇_x log F(x) = g_φ(x, t) + β·γ_t·∇_x r(D(x̂0_θ(x, t))), reusing the policy pass ε̂_θ(x, t)."""
+        flow = torch.zeros_like(x)
+        if self.reward_guess_weighting != "off" and self.reward_scale > 0:
+            gamma = per_sample(guess_weight(abar_t, self.reward_guess_weighting), x)
+            flow = self.reward_scale * gamma * self.reward_gradient(x, predicted_x0(x, eps, abar_t), chunk.prompts, ctx)
+        if self.use_flow_head:
+            flow = flow + ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds)
+        return flow
+
+    # ---- loss ---------------------------------------------------------------------------------------------------
+    def loss(self, chunk: Transitions, ctx: ObjectiveContext) -> ObjectiveOutput:
+        policy, sampler = ctx.policy, ctx.sampler
+        need_reverse = self.reverse_loss_scale > 0
+        abar_t, abar_prev = policy.alpha_bar(chunk.t), policy.alpha_bar(chunk.t_prev)
+        std = ddim_std(abar_t, abar_prev, sampler.eta)
+
+        prior = self.prior_scores(chunk, ctx, std, abar_t, abar_prev)
+
+        # Policy pass (LoRA on). x needs a gradient for the reverse score and the forward-looking guess at x.
+        x = chunk.x.detach().requires_grad_(True)
+        eps = policy.predict_noise(x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, sampler.guidance_scale)
+        mean = ddim_mean(x, eps, abar_t, abar_prev, std)
+        policy_fwd = forward_score(chunk.x_next, mean, std)
+        policy_rev = None
+        if need_reverse:
+            policy_rev = reverse_score(x, chunk.x_next, mean, std, create_graph=self.reverse_loss_trains_policy)
+
+        flow_next, g_terminal = self.flow_score_next(chunk, ctx, abar_prev)
+        flow_cur = self.flow_score_current(chunk, x, eps, abar_t, ctx) if need_reverse else None
+        forward_residual, reverse_residual = nabla_db_residuals(
+            policy_fwd, prior.forward, flow_next, policy_rev, prior.reverse, flow_cur
+        )
+
+        forward_loss = mean_square(forward_residual)
+        loss = forward_loss
+        metrics = {
+            "objective/forward_loss": forward_loss.detach(),
+            "objective/policy_score_norm": policy_fwd.detach().flatten(1).norm(dim=1).mean(),
+            "objective/prior_score_norm": prior.forward.detach().flatten(1).norm(dim=1).mean(),
+            "objective/flow_score_norm": flow_next.detach().flatten(1).norm(dim=1).mean(),
+        }
+        if reverse_residual is not None:
+            reverse_loss = mean_square(reverse_residual)
+            loss = loss + self.reverse_loss_scale * reverse_loss
+            metrics["objective/reverse_loss"] = reverse_loss.detach()
+        if g_terminal.numel() > 0:
+            # ‖g_φ(x_T)‖² → 0: the learned correction vanishes on terminal states ("loss_terminal", method.md §2.6).
+            terminal_loss = mean_square(g_terminal)
+            loss = loss + terminal_loss
+            metrics["objective/terminal_loss"] = terminal_loss.detach()
+        if self.trust_region_scale > 0:
+            trust_region = mean_square(eps - chunk.noise_pred_old)
+            loss = loss + self.trust_region_scale * trust_region
+            metrics["objective/trust_region_loss"] = trust_region.detach()
+        metrics["objective/loss"] = loss.detach()
+        return ObjectiveOutput(loss=loss, metrics=metrics)

@@ -1,0 +1,34 @@
+"""∇-DB (method.md §2.2): gradient-informed detailed balance against the fixed backward policy; target R(x)^β."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from gflowdiff.diffusion_math import backward_kernel_scores
+from gflowdiff.objectives.base import ObjectiveContext
+from gflowdiff.objectives.gradient_db import GradientDBObjective, _Scores
+from gflowdiff.types import Transitions
+
+
+class NablaDB(GradientDBObjective):
+    """Non-residual ∇-DB: ∇ log P_F(x'|x) = ∇ log P_B(x|x') ± ∇ log F, with P_B the one-step DDPM noising kernel.
+
+    Its target is R^β alone: the flow must also learn the pretrained model's own flow, so it does not preserve the
+    prior by construction (the ablation that motivates the residual form).
+
+    Args:
+        reward_scale: β, the reward exponent of the target R^β.
+        reverse_loss_scale: w_B, weight of the reverse condition; 0 = forward-only.
+        trust_region_scale: λ, UNet L2 trust region against the behaviour model's stored outputs.
+        use_flow_head: learn g_φ; False trusts the forward-looking reward guess alone.
+        reward_guess_weighting: γ_t of the forward-looking reward guess.
+        reverse_loss_trains_policy: second-order backward of the reverse residual into the policy.
+        timestep_fraction: fraction of the T steps trained per trajectory.
+        low_variance_subsampling: stratify the trained steps over contiguous chunks.
+    """
+
+    def prior_scores(
+        self, chunk: Transitions, ctx: ObjectiveContext, std: Tensor, abar_t: Tensor, abar_prev: Tensor
+    ) -> _Scores:
+        forward, reverse = backward_kernel_scores(chunk.x, chunk.x_next, abar_t, abar_prev)
+        return _Scores(forward=forward, reverse=reverse if self.reverse_loss_scale > 0 else None)

@@ -1,0 +1,203 @@
+"""The diffusion policy: Stable-Diffusion-style diffusers components with a peft LoRA on the UNet.
+
+One loading path for every model: ``from_pretrained`` on a hub id or a local folder in the diffusers layout
+(``unet/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/``, optional ``vae/``, ``model_index.json``). The embedded
+digits model is such a folder inside the package (``embedded:digits``). The pretrained reference policy P_F^# is the
+same UNet with its adapters disabled, so there is never a second copy of the UNet in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from gflowdiff.diffusion_math import alpha_bar
+
+EMBEDDED_MODELS = {"embedded:digits": "zoo/weights/digits"}
+PRETRAINED_OPTION = "--model.pretrained_model"
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA on the UNet's attention projections (method.md §4.1: rank 8, alpha 8, Gaussian init, B = 0).
+
+    Args:
+        rank: LoRA rank r.
+        alpha: LoRA scaling numerator (scale = alpha / rank).
+        target_modules: names of the UNet Linear layers that get an adapter.
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+def resolve_pretrained_path(name: str) -> str:
+    """Map ``embedded:<name>`` to the packaged folder; check that a path-like name exists; pass hub ids through."""
+    if name in EMBEDDED_MODELS:
+        return str(Path(__file__).parent / EMBEDDED_MODELS[name])
+    if name.startswith("embedded:"):
+        raise ValueError(f"{PRETRAINED_OPTION}: unknown embedded model {name!r}; known: {sorted(EMBEDDED_MODELS)}")
+    looks_local = name.startswith(("/", "./", "../", "~")) or os.path.isabs(name) or name.count("/") != 1
+    if looks_local or os.path.exists(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"{PRETRAINED_OPTION}: model folder {str(path)!r} does not exist")
+        if not (path / "unet").is_dir():
+            raise FileNotFoundError(
+                f"{PRETRAINED_OPTION}: {str(path)!r} is not a diffusers model folder (no unet/ subfolder)"
+            )
+        return str(path)
+    return name
+
+
+def load_model_index(path: str, revision: str | None) -> dict:
+    """model_index.json of a local folder or a hub repo; raises a clear error when the hub cannot be reached."""
+    if os.path.isdir(path):
+        index_file = Path(path) / "model_index.json"
+        return json.loads(index_file.read_text()) if index_file.is_file() else {}
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(path, "model_index.json", revision=revision)).read_text())
+    except Exception as error:  # network, auth, missing repo: all mean "cannot load this model here"
+        raise OSError(
+            f"{PRETRAINED_OPTION}: could not fetch {path!r} from the Hugging Face hub "
+            f"({type(error).__name__}: {error}). Give a local diffusers folder, or check the network / HF_HUB_OFFLINE."
+        ) from error
+
+
+class DiffusionPolicy(nn.Module):
+    """UNet + LoRA, text encoder, tokenizer, optional VAE and the sampler's noise schedule.
+
+    Frozen components are stored in ``frozen_dtype``; LoRA parameters are always fp32.
+    """
+
+    def __init__(
+        self,
+        pretrained_model: str,
+        revision: str | None = None,
+        lora: LoRAConfig | None = None,
+        frozen_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        import transformers
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from peft import LoraConfig
+
+        lora = lora or LoRAConfig()
+        path = resolve_pretrained_path(pretrained_model)
+        index = load_model_index(path, revision)
+        kwargs = {"revision": revision} if revision else {}
+        tokenizer_class = getattr(transformers, (index.get("tokenizer") or [None, "AutoTokenizer"])[1] or "AutoTokenizer")
+        encoder_class = getattr(transformers, (index.get("text_encoder") or [None, "CLIPTextModel"])[1] or "CLIPTextModel")
+        self.tokenizer = tokenizer_class.from_pretrained(path, subfolder="tokenizer", **kwargs)
+        self.text_encoder = encoder_class.from_pretrained(path, subfolder="text_encoder", dtype=frozen_dtype, **kwargs)
+        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=frozen_dtype, **kwargs)
+        has_vae = (index.get("vae") or [None])[0] is not None or (os.path.isdir(path) and (Path(path) / "vae").is_dir())
+        self.vae = (
+            AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=frozen_dtype, **kwargs) if has_vae else None
+        )
+        self.scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs)
+        self.frozen_dtype = frozen_dtype
+
+        for module in (self.text_encoder, self.unet, self.vae):
+            if module is not None:
+                module.requires_grad_(False).eval()
+        self.unet.add_adapter(
+            LoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha,
+                init_lora_weights="gaussian",  # lora_B = 0: step 0 reproduces the pretrained model
+                target_modules=list(lora.target_modules),
+            )
+        )
+        for parameter in self.lora_parameters():
+            parameter.data = parameter.data.float()  # trainable parameters in fp32, whatever the frozen dtype
+        self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.float().clone(), persistent=False)
+        self.final_alpha_cumprod = float(self.scheduler.final_alpha_cumprod)
+
+    # ---- shapes ------------------------------------------------------------------------------------------------
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @property
+    def latent_size(self) -> int:
+        return self.unet.config.sample_size
+
+    @property
+    def text_hidden_size(self) -> int:
+        return self.text_encoder.config.hidden_size
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.unet.named_parameters() if "lora_" in name]
+
+    def lora_state_dict(self) -> dict[str, Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.unet)
+
+    # ---- computations ------------------------------------------------------------------------------------------
+    def inference_timesteps(self, num_inference_steps: int) -> Tensor:
+        self.scheduler.set_timesteps(num_inference_steps)
+        return self.scheduler.timesteps.clone().long()
+
+    def alpha_bar(self, timesteps: Tensor) -> Tensor:
+        return alpha_bar(self.alphas_cumprod, timesteps, self.final_alpha_cumprod)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """Text-encoder hidden states (B, L, D), padded to the tokenizer's max length as SD does."""
+        tokens = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return self.text_encoder(tokens.input_ids.to(self.unet.device))[0]
+
+    def predict_noise(
+        self, x: Tensor, t: Tensor, prompt_embeds: Tensor, negative_embeds: Tensor, guidance_scale: float
+    ) -> Tensor:
+        """CFG-combined ε̂ = ε_u + w·(ε_c − ε_u) in fp32, one UNet call on the batch [uncond; cond] (2B)."""
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        if guidance_scale == 1.0:
+            return self.unet(x.to(self.frozen_dtype), t, encoder_hidden_states=prompt_embeds).sample.float()
+        out = self.unet(
+            torch.cat([x, x]).to(self.frozen_dtype),
+            torch.cat([t, t]),
+            encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds]),
+        ).sample.float()
+        eps_uncond, eps_cond = out.chunk(2)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        """Run the pretrained policy P_F^#: the same UNet with its LoRA adapters disabled."""
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents → images in [0, 1], fp32. The clamp zeroes gradients of saturated pixels, as the reference does."""
+        if self.vae is None:  # pixel-space model: the state is the image in [-1, 1]
+            images = latents.float()
+        else:
+            scaled = latents.to(self.frozen_dtype) / self.vae.config.scaling_factor
+            images = self.vae.decode(scaled).sample.float()
+        return (images / 2 + 0.5).clamp(0, 1)
