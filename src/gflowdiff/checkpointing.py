@@ -6,10 +6,13 @@ The frozen UNet, VAE, text encoder and reward never go into a checkpoint: they a
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 
 from gflowdiff.types import Rollout
 
@@ -41,6 +44,8 @@ def restore_trainable_state(module: GFlowDiffModule, checkpoint: dict[str, Any])
         )
     extra = checkpoint.get(TRAINABLE_STATE_KEY, {})
     module.rollouts_done = int(extra.get("rollouts_done", 0))
+    module.skipped_steps = int(extra.get("skipped_steps", 0))
+    module.bad_steps_in_a_row = int(extra.get("bad_steps_in_a_row", 0))
     buffer = extra.get("rollout_buffer")
     module.rollout_buffer = None if buffer is None else Rollout.from_state(buffer)
 
@@ -56,3 +61,43 @@ def export_lora(policy: DiffusionPolicy, directory: str | Path) -> Path:
     layers = convert_state_dict_to_diffusers(policy.lora_state_dict())
     StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, weight_name=LORA_WEIGHT_NAME)
     return directory / LORA_WEIGHT_NAME
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Atomic checkpoint writes and safe, clearly-failing reads.
+
+    Writes go to a temporary file in the same folder, are fsynced, then renamed over the target: a crash during a
+    write leaves the previous file intact, never a truncated "last" checkpoint. Reads use ``weights_only=True`` (no
+    arbitrary pickle from a file), and a truncated or corrupt file raises an error that names it and lists the other
+    checkpoints beside it.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote storage: fall back to Lightning's transaction-based write
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (--ckpt_path)")
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except Exception as error:
+            others = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path)
+            raise RuntimeError(
+                f"checkpoint {str(path)!r} is truncated, corrupt or holds objects that are not plain tensors/values "
+                f"({type(error).__name__}: {str(error).splitlines()[0]}). Other checkpoints in that folder: "
+                f"{', '.join(others) or 'none'}; pass one with --ckpt_path."
+            ) from error

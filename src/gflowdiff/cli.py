@@ -8,19 +8,41 @@ Objectives and rewards are chosen by type: ``--model.objective ResidualNablaDB``
 from __future__ import annotations
 
 import os
+from typing import Any
 
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 import gflowdiff.objectives  # noqa: F401  (registers the objective plugins for class_path resolution)
 import gflowdiff.rewards  # noqa: F401  (registers the reward plugins)
+from gflowdiff.checkpointing import SafeCheckpointIO
 from gflowdiff.data import PromptDataModule
 from gflowdiff.module import GFlowDiffModule
+from gflowdiff.preemption import PreemptionCheckpoint
 
 
 class GFlowDiffCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("seed_everything", "model.seed")
         parser.link_arguments("seed_everything", "data.seed")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """Defaults every run gets unless the config says otherwise: atomic, weights-only checkpoint IO; a
+        step-boundary preemption checkpoint; and, on SLURM, Lightning's environment without its own mid-step
+        auto-requeue handler (preemption.py explains why)."""
+        plugins = list(config.get("plugins") or [])
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(SafeCheckpointIO())
+        if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
+            plugins.append(SLURMEnvironment(auto_requeue=False))
+        config["plugins"] = plugins
+        configured = config.get("callbacks") or []
+        configured = (configured if isinstance(configured, list) else [configured]) + list(callbacks)
+        if not any(isinstance(c, PreemptionCheckpoint) for c in configured):
+            callbacks = [*callbacks, PreemptionCheckpoint()]
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def main(args: list[str] | None = None) -> GFlowDiffCLI:

@@ -16,6 +16,25 @@ def batch_generator(seed: int, rank: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7_919 + index)
 
 
+class DeferredPromptBatch:
+    """A batch whose prompts are drawn only when the training step asks for them.
+
+    Lightning prefetches one batch ahead, so a loader that counted the batches it *yielded* would be one ahead of the
+    steps actually taken when a checkpoint is written, and a resumed run would skip a batch. Counting draws instead
+    keeps ``PromptBatches.state_dict`` equal to the number of batches trained on: resume is exact.
+    """
+
+    def __init__(self, source: PromptBatches):
+        self.source = source
+        self._prompts: list[str] | None = None
+
+    def prompts(self) -> list[str]:
+        if self._prompts is None:
+            self._prompts = self.source.batch(self.source.position)
+            self.source.position += 1
+        return self._prompts
+
+
 class PromptBatches:
     """An endless iterable of prompt batches, drawn with replacement; resumable through ``state_dict``."""
 
@@ -24,14 +43,14 @@ class PromptBatches:
         self.position = 0
 
     def batch(self, index: int) -> list[str]:
-        picks = torch.randint(len(self.prompts), (self.batch_size,), generator=batch_generator(self.seed, self.rank, index))
+        picks = torch.randint(
+            len(self.prompts), (self.batch_size,), generator=batch_generator(self.seed, self.rank, index)
+        )
         return [self.prompts[i] for i in picks.tolist()]
 
-    def __iter__(self) -> Iterator[list[str]]:
+    def __iter__(self) -> Iterator[DeferredPromptBatch]:
         while True:
-            batch = self.batch(self.position)
-            self.position += 1
-            yield batch
+            yield DeferredPromptBatch(self)
 
     def state_dict(self) -> dict:
         return {"position": self.position}

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from gflowdiff.checkpointing import TRAINABLE_STATE_KEY, restore_trainable_state, trainable_state
+from gflowdiff.data import DeferredPromptBatch
 from gflowdiff.flow_head import FlowHead, FlowHeadConfig
 from gflowdiff.images import image_grid
 from gflowdiff.objectives.base import Objective, ObjectiveContext
@@ -58,6 +62,8 @@ class GFlowDiffModule(L.LightningModule):
             data, method.md §3.4); default: on-policy.
         seed: seed of rollouts and subsampling (offset by the rank on each device).
         log_images_every_n_steps: interval of the TensorBoard sample grid; 0 disables.
+        max_consecutive_bad_steps: stop the run after this many consecutive steps skipped for NaN/inf rewards,
+            losses or gradients (each one is skipped, counted and logged as ``train/skipped_steps``).
     """
 
     def __init__(
@@ -79,6 +85,7 @@ class GFlowDiffModule(L.LightningModule):
         off_policy: bool = False,
         seed: int = 0,
         log_images_every_n_steps: int = 50,
+        max_consecutive_bad_steps: int = 3,
     ):
         super().__init__()
         if train_batch_size < 1:
@@ -98,6 +105,11 @@ class GFlowDiffModule(L.LightningModule):
         self.train_batch_size, self.optimizer_steps_per_rollout = train_batch_size, optimizer_steps_per_rollout
         self.max_grad_norm, self.off_policy, self.seed = max_grad_norm, off_policy, seed
         self.log_images_every_n_steps = log_images_every_n_steps
+        if max_consecutive_bad_steps < 1:
+            raise ValueError("--model.max_consecutive_bad_steps must be >= 1")
+        self.max_consecutive_bad_steps = max_consecutive_bad_steps
+        self.skipped_steps = 0
+        self.bad_steps_in_a_row = 0
 
         self.policy = DiffusionPolicy(pretrained_model, revision, lora, DTYPES[frozen_dtype])
         self.flow_head = (
@@ -108,6 +120,7 @@ class GFlowDiffModule(L.LightningModule):
         self.trainable_names = {name for name, p in self.named_parameters() if p.requires_grad}
         self.rollouts_done = 0
         self.rollout_buffer: Rollout | None = None
+        self.last_rollout_summary: dict[str, Any] = {}  # prompts and rewards of this rank's latest rollout
 
     # ---- optimizer ---------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -125,17 +138,22 @@ class GFlowDiffModule(L.LightningModule):
     def context(self, generator: torch.Generator) -> ObjectiveContext:
         return ObjectiveContext(self.policy, self.reward, self.sampler, self.flow_head, generator)
 
-    def training_step(self, prompts: list[str], batch_idx: int) -> None:
+    def training_step(self, batch: DeferredPromptBatch | list[str], batch_idx: int) -> None:
         started = time.perf_counter()
+        prompts = batch.prompts() if isinstance(batch, DeferredPromptBatch) else list(batch)
         generator = step_generator(self.seed, self.global_rank, self.rollouts_done)
         rollout = sample_rollout(self.policy, prompts, self.reward, self.sampler, generator)
         self.rollouts_done += 1
-        if not torch.isfinite(rollout.rewards).all():
-            raise FloatingPointError(
-                f"--model.reward {type(self.reward).__name__} returned NaN/inf for "
-                f"{int((~torch.isfinite(rollout.rewards)).sum())} of {len(rollout.rewards)} samples"
+        bad_rewards = int((~torch.isfinite(rollout.rewards)).sum())
+        # Decided together so that every DDP rank skips the same step (a lone skip would hang the gradient sync).
+        if self.trainer.strategy.reduce_boolean_decision(bad_rewards > 0, all=False):
+            self.skip_step(
+                f"--model.reward {type(self.reward).__name__} returned NaN/inf for {bad_rewards} of "
+                f"{len(rollout.rewards)} samples (on this rank)"
             )
+            return
         rollout_seconds = time.perf_counter() - started
+        self.last_rollout_summary = {"prompts": rollout.prompts, "rewards": rollout.rewards.cpu()}
         self.log_rollout(rollout)
         if self.off_policy:
             rollout, self.rollout_buffer = self.rollout_buffer, rollout
@@ -144,28 +162,58 @@ class GFlowDiffModule(L.LightningModule):
 
         transitions = self.objective.transitions(rollout, generator)
         chunks = transitions.split(self.train_batch_size)
-        groups = [g for g in (chunks[i :: self.optimizer_steps_per_rollout] for i in range(self.optimizer_steps_per_rollout)) if g]
+        steps = self.optimizer_steps_per_rollout
+        groups = [group for group in (chunks[i::steps] for i in range(steps)) if group]
         optimizer = self.optimizers()
         context = self.context(generator)
         totals: dict[str, float] = {}
         for group in groups:
             optimizer.zero_grad(set_to_none=True)
-            for chunk in group:
-                output = self.objective.loss(chunk, context)
-                if not torch.isfinite(output.loss):
-                    raise FloatingPointError(f"non-finite loss from {type(self.objective).__name__}: {output.metrics}")
-                self.manual_backward(output.loss / len(group))
+            for index, chunk in enumerate(group):
+                with self.gradient_sync(enabled=index == len(group) - 1):  # DDP all-reduces once per step
+                    output = self.objective.loss(chunk, context)
+                    # Backpropagated even when non-finite: the NaN then reaches every rank's gradients through the
+                    # all-reduce, and all ranks skip the step together below.
+                    self.manual_backward(output.loss / len(group))
                 for key, value in output.metrics.items():
                     totals[key] = totals.get(key, 0.0) + float(value) / (len(group) * len(groups))
-            totals.update(self.clip_gradients_per_group(optimizer))
+            norms = self.clip_gradients_per_group(optimizer)
+            totals.update(norms)
+            if not all(math.isfinite(norm) for norm in norms.values()):
+                optimizer.zero_grad(set_to_none=True)
+                self.skip_step(f"non-finite gradient norm {norms} (loss terms: {output.metrics})")
+                continue
             # One optimizer step per accumulation: the reference calls scaler.step() *and* optimizer.step(), i.e.
             # two AdamW updates on the same gradients (method.md §4.2, §7 item 2). Fixed here.
             optimizer.step()
+            self.bad_steps_in_a_row = 0
         totals["train/transitions"] = float(len(transitions))
         totals["train/rollout_seconds"] = rollout_seconds
         totals["train/step_seconds"] = time.perf_counter() - started
+        totals["train/skipped_steps"] = float(self.skipped_steps)
         self.log_dict(totals, on_step=True, prog_bar=False, batch_size=len(prompts))
         self.log("loss", totals.get("objective/loss", math.nan), prog_bar=True, batch_size=len(prompts))
+
+    def gradient_sync(self, enabled: bool) -> AbstractContextManager:
+        """Under DDP, skip the gradient all-reduce for all but the last backward of an accumulation."""
+        strategy = self.trainer.strategy
+        if enabled or not isinstance(strategy, ParallelStrategy):
+            return nullcontext()
+        return strategy.block_backward_sync()
+
+    def skip_step(self, reason: str) -> None:
+        """Skip an update with a NaN/inf reward, loss or gradient; stop after too many in a row."""
+        self.skipped_steps += 1
+        self.bad_steps_in_a_row += 1
+        rank_zero_warn(f"skipping a step ({self.bad_steps_in_a_row} in a row): {reason}")
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+        if self.bad_steps_in_a_row >= self.max_consecutive_bad_steps:
+            raise FloatingPointError(
+                f"{self.bad_steps_in_a_row} consecutive steps had NaN/inf values (last: {reason}). Likely causes: a "
+                f"reward that fails on some images (--model.reward), a learning rate too high for this reward scale "
+                f"(--model.optimizer.init_args.lr, --model.objective.init_args.reward_scale), or fp16 overflow "
+                f"(--trainer.precision). Raise --model.max_consecutive_bad_steps to tolerate more."
+            )
 
     def clip_gradients_per_group(self, optimizer) -> dict[str, float]:
         """Clip each parameter group to ``max_grad_norm`` (the reference clips LoRA and flow head separately)."""
@@ -215,6 +263,8 @@ class GFlowDiffModule(L.LightningModule):
         checkpoint["state_dict"] = trainable_state(self)
         checkpoint[TRAINABLE_STATE_KEY] = {
             "rollouts_done": self.rollouts_done,
+            "skipped_steps": self.skipped_steps,
+            "bad_steps_in_a_row": self.bad_steps_in_a_row,
             "rollout_buffer": None if self.rollout_buffer is None else self.rollout_buffer.to_state(),
         }
 

@@ -96,14 +96,20 @@ class DiffusionPolicy(nn.Module):
         path = resolve_pretrained_path(pretrained_model)
         index = load_model_index(path, revision)
         kwargs = {"revision": revision} if revision else {}
-        tokenizer_class = getattr(transformers, (index.get("tokenizer") or [None, "AutoTokenizer"])[1] or "AutoTokenizer")
-        encoder_class = getattr(transformers, (index.get("text_encoder") or [None, "CLIPTextModel"])[1] or "CLIPTextModel")
+        tokenizer_class = getattr(
+            transformers, (index.get("tokenizer") or [None, "AutoTokenizer"])[1] or "AutoTokenizer"
+        )
+        encoder_class = getattr(
+            transformers, (index.get("text_encoder") or [None, "CLIPTextModel"])[1] or "CLIPTextModel"
+        )
         self.tokenizer = tokenizer_class.from_pretrained(path, subfolder="tokenizer", **kwargs)
         self.text_encoder = encoder_class.from_pretrained(path, subfolder="text_encoder", dtype=frozen_dtype, **kwargs)
         self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=frozen_dtype, **kwargs)
         has_vae = (index.get("vae") or [None])[0] is not None or (os.path.isdir(path) and (Path(path) / "vae").is_dir())
         self.vae = (
-            AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=frozen_dtype, **kwargs) if has_vae else None
+            AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=frozen_dtype, **kwargs)
+            if has_vae
+            else None
         )
         self.scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs)
         self.frozen_dtype = frozen_dtype

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def load_prompts(source: str, option: str = "--data.train_prompts") -> list[str]
     elif suffix == ".json":
         prompts = [_prompt_of(item, path, option) for item in _parse_json(text, path, option)]
     elif suffix == ".jsonl":
-        prompts = [_prompt_of(json.loads(line), path, option) for line in text.splitlines() if line.strip()]
+        prompts = [_prompt_of(item, path, option) for item in _parse_jsonl(text, path, option)]
     else:
         raise ValueError(f"{option}: unsupported prompt file type {suffix!r} (use .txt, .csv, .json or .jsonl)")
     prompts = [p.strip() for p in prompts if p and p.strip()]
@@ -69,6 +70,18 @@ def _parse_json(text: str, path: Path, option: str) -> list:
     return data
 
 
+def _parse_jsonl(text: str, path: Path, option: str) -> list:
+    items = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{option}: {str(path)!r} line {number} is not valid JSON ({error})") from error
+    return items
+
+
 def _prompt_of(item: object, path: Path, option: str) -> str:
     if isinstance(item, str):
         return item
@@ -78,7 +91,7 @@ def _prompt_of(item: object, path: Path, option: str) -> str:
 
 
 def _csv_prompts(text: str, path: Path, option: str) -> list[str]:
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text))
     columns = {name.strip().lower(): name for name in reader.fieldnames or []}
     column = next((columns[c] for c in CSV_COLUMNS if c in columns), None)
     if column is None:

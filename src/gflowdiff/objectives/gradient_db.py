@@ -47,7 +47,11 @@ def guess_weight(abar: Tensor, mode: GuessWeighting) -> Tensor:
 
 
 def nabla_db_residuals(
-    policy_fwd: Tensor, prior_fwd: Tensor, flow_next: Tensor, policy_rev: Tensor | None, prior_rev: Tensor | None,
+    policy_fwd: Tensor,
+    prior_fwd: Tensor,
+    flow_next: Tensor,
+    policy_rev: Tensor | None,
+    prior_rev: Tensor | None,
     flow_cur: Tensor | None,
 ) -> tuple[Tensor, Tensor | None]:
     """Residuals of the forward and reverse ∇-DB conditions (method.md §2.2–2.3); zero when detailed balance holds.
@@ -143,9 +147,8 @@ class GradientDBObjective(Objective):
         The reward sees the prompts of these transitions' own trajectories. (Fixes the reference, which passes the
         prompts left over from the last sampling batch: method.md §7 item 4.)
         """
+        # A NaN reward here makes the loss and gradients NaN; the module then skips the step on every rank.
         rewards = ctx.reward(ctx.policy.decode(x0_hat), prompts)
-        if not torch.isfinite(rewards).all():
-            raise FloatingPointError("the reward returned NaN/inf on a forward-looking x̂0 (see --model.reward)")
         (gradient,) = torch.autograd.grad(rewards.sum(), x, retain_graph=True)
         return gradient.detach()
 
@@ -162,7 +165,10 @@ class GradientDBObjective(Objective):
             if (~terminal).any() and self.reward_guess_weighting != "off":
                 rows = (~terminal).nonzero().squeeze(1)
                 eps = ctx.policy.predict_noise(
-                    x_next[rows], chunk.t_prev[rows], chunk.prompt_embeds[rows], chunk.negative_embeds[rows],
+                    x_next[rows],
+                    chunk.t_prev[rows],
+                    chunk.prompt_embeds[rows],
+                    chunk.negative_embeds[rows],
                     ctx.sampler.guidance_scale,
                 )
                 x0_rows = predicted_x0(x_next[rows], eps, abar_prev[rows])

@@ -234,7 +234,9 @@ def train_diffusion(
     scheduler = build_scheduler()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, s / 100) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     alphas_cumprod = scheduler.alphas_cumprod
     start, running = time.time(), None
     for step in range(steps):

@@ -1,0 +1,50 @@
+# gflowdiff — `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+THREADS ?= 2
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install gflowdiff with its pinned stack (CPU torch 2.13.0)
+
+demo: $(STAMP) ## train residual ∇-DB on the embedded digits model (≈ 6 min on 2 CPU cores)
+	OMP_NUM_THREADS=$(THREADS) HF_HUB_OFFLINE=1 $(BIN)/gflowdiff fit --config configs/digits/residual_nabla_db.yaml
+	$(BIN)/python scripts/summarize_run.py runs/digits_residual_nabla_db
+
+test: $(STAMP) ## run the default test suite (CPU)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP) ## the default suite without tests marked slow
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP) ## ruff lint and format check
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+format: $(STAMP) ## ruff format and autofix
+	$(BIN)/ruff format src tests scripts
+	$(BIN)/ruff check --fix src tests scripts
+
+digits-model: $(STAMP) ## re-train the embedded digits model and classifier (≈ 20 min on 2 cores)
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m gflowdiff.zoo.digits --out src/gflowdiff/zoo/weights
+
+benchmark: $(STAMP) ## seconds per trained transition and peak memory (embedded model and tiny SD pipeline)
+	OMP_NUM_THREADS=$(THREADS) HF_HUB_OFFLINE=1 $(BIN)/python scripts/benchmark.py
+
+clean: ## remove run outputs (keeps .venv)
+	rm -rf runs lightning_logs .pytest_cache
+
+.PHONY: help install demo test test-fast lint format digits-model benchmark clean

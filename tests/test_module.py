@@ -1,0 +1,133 @@
+"""The LightningModule and the CLI end to end on the tiny random SD pipeline: fit, checkpoint contents, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gflowdiff.cli import main
+from gflowdiff.flow_head import FlowHead, FlowHeadConfig
+from gflowdiff.module import GFlowDiffModule
+from gflowdiff.objectives import ResidualNablaDB
+from gflowdiff.rewards import DigitClassifierReward
+from gflowdiff.sampling import SamplerConfig, sample_rollout
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS_CONFIG = REPO / "configs" / "digits" / "residual_nabla_db.yaml"
+
+
+def tiny_fit_args(tiny_sd_path, root: Path, max_steps: int = 2) -> list[str]:
+    return [
+        "fit", "--config", str(DIGITS_CONFIG),
+        "--model.pretrained_model", str(tiny_sd_path),
+        "--model.sampler.num_inference_steps", "4",
+        "--model.objective.timestep_fraction", "0.5",
+        "--model.train_batch_size", "4",
+        "--data.batch_size", "2",
+        "--data.eval_batch_size", "2",
+        "--trainer.max_steps", str(max_steps),
+        "--trainer.val_check_interval", "2",
+        "--trainer.logger.init_args.save_dir", str(root / "runs"),
+        "--trainer.callbacks.init_args.every_n_train_steps", "1",
+        "--trainer.callbacks.init_args.dirpath", str(root / "ckpt"),
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+
+
+def test_flow_head_is_zero_at_init():
+    head = FlowHead(FlowHeadConfig(block_out_channels=[8, 16], norm_num_groups=4), 4, 8, 16)
+    out = head(torch.randn(3, 4, 8, 8), torch.tensor([981, 21, -19]), torch.randn(3, 5, 16))
+    assert out.shape == (3, 4, 8, 8) and torch.count_nonzero(out) == 0
+
+
+def test_step_zero_reproduces_the_pretrained_sampler(tiny_sd_path):
+    module = GFlowDiffModule(
+        objective=ResidualNablaDB(), reward=DigitClassifierReward(), pretrained_model=str(tiny_sd_path)
+    )
+    sampler = SamplerConfig(num_inference_steps=5, guidance_scale=3.0)
+    prompts = ["a cat", "a dog", "a cow"]
+    tuned = sample_rollout(module.policy, prompts, module.reward, sampler, torch.Generator().manual_seed(7))
+    with module.policy.reference():
+        pretrained = sample_rollout(module.policy, prompts, module.reward, sampler, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(tuned.latents, pretrained.latents, rtol=0, atol=0)
+    torch.testing.assert_close(tuned.rewards, pretrained.rewards, rtol=0, atol=0)
+
+
+def test_fit_checkpoints_only_trainable_state_and_resumes(tiny_sd_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = main(tiny_fit_args(tiny_sd_path, tmp_path, max_steps=2))
+    assert cli.trainer.global_step == 2
+    last = tmp_path / "ckpt" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    keys = set(checkpoint["state_dict"])
+    assert any(".lora_A." in k for k in keys) and any(k.startswith("flow_head.") for k in keys)
+    assert not any(k.startswith(("reward.", "policy.vae.", "policy.text_encoder.")) for k in keys)
+    assert not any(k.startswith("policy.unet.") and "lora_" not in k for k in keys)  # no frozen UNet weight
+    assert checkpoint["global_step"] == 2 and checkpoint["optimizer_states"]
+    assert checkpoint["gflowdiff"]["rollouts_done"] == 2
+
+    resumed = main([*tiny_fit_args(tiny_sd_path, tmp_path, max_steps=4), "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == 4
+    assert resumed.model.rollouts_done == 4  # continued at the saved step, not from 0
+
+
+def test_print_config_output_runs_as_a_config(tiny_sd_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*tiny_fit_args(tiny_sd_path, tmp_path, max_steps=1), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    cli = main(["fit", "--config", str(printed)])
+    assert cli.trainer.global_step == 1
+
+
+@pytest.mark.parametrize("config", sorted(p.relative_to(REPO) for p in (REPO / "configs").rglob("*.yaml")), ids=str)
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "class_path" in capsys.readouterr().out
+
+
+def test_bad_input_errors_name_the_option(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(DIGITS_CONFIG), "--model.objective", "NoSuchObjective", "--print_config"])
+    assert "NoSuchObjective" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(DIGITS_CONFIG), "--model.no_such_key", "1", "--print_config"])
+    assert "no_such_key" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--model.objective.reverse_loss_scale"):
+        ResidualNablaDB(reverse_loss_scale=-1)
+
+
+class NaNReward(DigitClassifierReward):
+    """Returns NaN for every image: each step must be skipped, and the run stopped after too many."""
+
+    def score(self, images, prompts):
+        return super().score(images, prompts) * float("nan")
+
+
+def test_nan_rewards_skip_steps_then_stop_with_a_clear_error(tiny_sd_path, tmp_path):
+    import lightning as L
+
+    from gflowdiff.data import PromptDataModule
+
+    module = GFlowDiffModule(
+        objective=ResidualNablaDB(timestep_fraction=0.5),
+        reward=NaNReward(),
+        pretrained_model=str(tiny_sd_path),
+        sampler=SamplerConfig(num_inference_steps=2, guidance_scale=1.0),
+        max_consecutive_bad_steps=2,
+    )
+    lora_before = [p.detach().clone() for p in module.policy.lora_parameters()]
+    trainer = L.Trainer(
+        max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        default_root_dir=tmp_path, limit_val_batches=0,
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError, match="2 consecutive steps.*--model.reward NaNReward returned NaN"):
+        trainer.fit(module, PromptDataModule(train_prompts="animals", batch_size=2))
+    assert module.skipped_steps == 2 and trainer.global_step == 0
+    assert all(torch.equal(a, b) for a, b in zip(lora_before, module.policy.lora_parameters(), strict=True))
