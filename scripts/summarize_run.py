@@ -69,9 +69,9 @@ def main() -> None:
     if not checkpoints:
         print("no checkpoint found; skipping the sample evaluation")
         return
-    from gflowdiff.module import GFlowDiffModule
+    from gflowdiff.checkpointing import load_trained_module
 
-    module = GFlowDiffModule.load_from_checkpoint(checkpoints[-1], map_location="cpu", weights_only=False).eval()
+    module = load_trained_module(checkpoints[-1])
     prompts = ["a handwritten digit"] * args.samples
     beta = float(getattr(module.objective, "reward_scale", 1.0))
     print(f"fresh samples ({args.samples} each, checkpoint {checkpoints[-1].name}):")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gflowdiff.diffusion_math import backward_kernel_scores, forward_score, reverse_score
+from gflowdiff.diffusion_math import backward_kernel_scores, forward_score, per_sample, reverse_score
 from gflowdiff.objectives.gradient_db import guess_weight, mean_square, nabla_db_residuals
 
 DTYPE = torch.float64
@@ -186,3 +186,14 @@ def test_nabla_db_detects_a_wrong_flow_or_policy():
     x, x_next, policy_fwd, policy_rev, prior_fwd, prior_rev = nondb_terms(mean_scale=1.5)
     forward, _ = nabla_db_residuals(policy_fwd, prior_fwd, -x_next / V_P, policy_rev, prior_rev, -x / (C2 * V_P + B))
     torch.testing.assert_close(forward, 0.5 * C2**0.5 * x / B)
+
+
+def test_variance_weighting_scales_residuals_by_sigma_squared_and_keeps_the_optimum():
+    from gflowdiff.objectives.gradient_db import transition_weight
+
+    std = torch.tensor([0.5, 0.1])
+    # σ² per transition: 0.25 and 0.01; "none" is 1.
+    torch.testing.assert_close(transition_weight(std, "variance"), torch.tensor([0.25, 0.01]))
+    torch.testing.assert_close(transition_weight(std, "none"), torch.ones(2))
+    zero = torch.zeros(2, 1, 2, 2)
+    assert torch.count_nonzero(per_sample(transition_weight(std, "variance"), zero) * zero) == 0  # 0 stays 0

@@ -101,3 +101,22 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 f"({type(error).__name__}: {str(error).splitlines()[0]}). Other checkpoints in that folder: "
                 f"{', '.join(others) or 'none'}; pass one with --ckpt_path."
             ) from error
+
+
+def load_trained_module(path: str | Path, map_location: str = "cpu") -> GFlowDiffModule:
+    """Rebuild a GFlowDiffModule from a checkpoint: frozen parts from their sources, trainable state from the file.
+
+    The frozen weights are absent from gflowdiff checkpoints by design, so Lightning's "keys missing from the
+    checkpoint" warning is silenced here; a missing *trainable* tensor still raises (:func:`restore_trainable_state`).
+    """
+    import warnings
+
+    from gflowdiff.module import GFlowDiffModule
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Found keys that are in the model state dict but not in the checkpoint"
+        )
+        warnings.filterwarnings("ignore", message="Attribute '(objective|reward)' is an instance of `nn.Module`")
+        module = GFlowDiffModule.load_from_checkpoint(path, map_location=map_location, weights_only=True, strict=False)
+    return module.eval()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -20,13 +21,14 @@ from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from gflowdiff.checkpointing import TRAINABLE_STATE_KEY, restore_trainable_state, trainable_state
+from gflowdiff.checkpointing import TRAINABLE_STATE_KEY, export_lora, restore_trainable_state, trainable_state
 from gflowdiff.data import DeferredPromptBatch
 from gflowdiff.flow_head import FlowHead, FlowHeadConfig
 from gflowdiff.images import image_grid
 from gflowdiff.objectives.base import Objective, ObjectiveContext
 from gflowdiff.policy import DiffusionPolicy, LoRAConfig
 from gflowdiff.rewards.base import Reward
+from gflowdiff.rewards.self_check import check_reward_gradient
 from gflowdiff.sampling import SamplerConfig, sample_rollout
 from gflowdiff.types import Rollout
 
@@ -64,6 +66,8 @@ class GFlowDiffModule(L.LightningModule):
         log_images_every_n_steps: interval of the TensorBoard sample grid; 0 disables.
         max_consecutive_bad_steps: stop the run after this many consecutive steps skipped for NaN/inf rewards,
             losses or gradients (each one is skipped, counted and logged as ``train/skipped_steps``).
+        check_reward_gradient: before training a gradient objective, check on a random image that the reward's
+            gradient is finite, non-zero and matches finite differences (catches no_grad/detach/clamp rewards).
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class GFlowDiffModule(L.LightningModule):
         seed: int = 0,
         log_images_every_n_steps: int = 50,
         max_consecutive_bad_steps: int = 3,
+        check_reward_gradient: bool = True,
     ):
         super().__init__()
         if train_batch_size < 1:
@@ -108,6 +113,7 @@ class GFlowDiffModule(L.LightningModule):
         if max_consecutive_bad_steps < 1:
             raise ValueError("--model.max_consecutive_bad_steps must be >= 1")
         self.max_consecutive_bad_steps = max_consecutive_bad_steps
+        self.check_reward_gradient = check_reward_gradient
         self.skipped_steps = 0
         self.bad_steps_in_a_row = 0
 
@@ -135,6 +141,13 @@ class GFlowDiffModule(L.LightningModule):
         return self.optimizer_factory(groups)
 
     # ---- training ----------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.check_reward_gradient and self.objective.requires_reward_gradient:
+            latent = torch.zeros(1, self.policy.latent_channels, self.policy.latent_size, self.policy.latent_size)
+            with torch.no_grad():
+                image_shape = (2, *self.policy.decode(latent.to(self.device)).shape[1:])
+            check_reward_gradient(self.reward, image_shape, torch.Generator().manual_seed(self.seed))
+
     def context(self, generator: torch.Generator) -> ObjectiveContext:
         return ObjectiveContext(self.policy, self.reward, self.sampler, self.flow_head, generator)
 
@@ -234,6 +247,8 @@ class GFlowDiffModule(L.LightningModule):
         self.log("reward/std", rewards.std(), batch_size=batch, rank_zero_only=True)
         self.log("reward/max", rewards.max(), batch_size=batch, rank_zero_only=True)
         self.log("reward/min", rewards.min(), batch_size=batch, rank_zero_only=True)
+        for name, values in getattr(self.reward, "last_terms", {}).items():  # WeightedSum: each term on its own
+            self.log(f"reward/{name}", values.float().mean(), batch_size=batch, sync_dist=True)
         step = self.global_step
         every = self.log_images_every_n_steps
         if every and step % every == 0 and self.global_rank == 0:
@@ -267,6 +282,11 @@ class GFlowDiffModule(L.LightningModule):
             "bad_steps_in_a_row": self.bad_steps_in_a_row,
             "rollout_buffer": None if self.rollout_buffer is None else self.rollout_buffer.to_state(),
         }
+
+    def on_train_end(self) -> None:
+        """Export the LoRA in diffusers format next to the logs (``pipe.load_lora_weights(<log_dir>/lora)``)."""
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            export_lora(self.policy, Path(self.trainer.log_dir) / "lora")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         restore_trainable_state(self, checkpoint)

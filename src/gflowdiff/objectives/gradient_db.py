@@ -31,6 +31,7 @@ from gflowdiff.subsampling import flatten_steps, subsample_steps
 from gflowdiff.types import ObjectiveOutput, Rollout, Transitions
 
 GuessWeighting = Literal["alpha_bar", "sqrt_alpha_bar", "one", "off"]
+TransitionWeighting = Literal["none", "variance"]
 
 
 # ---- pure math ------------------------------------------------------------------------------------------------------
@@ -64,6 +65,15 @@ def nabla_db_residuals(
     return forward, reverse
 
 
+def transition_weight(std: Tensor, mode: TransitionWeighting) -> Tensor:
+    """Per-transition scale of the residuals. ``none`` is the reference. ``variance`` multiplies each residual by σ_t²,
+    which turns a score residual into a mean-shift residual: (μ_θ − μ_#) − σ_t²·∇log F̃. Score residuals grow like
+    1/σ_t², so without it the last steps dominate the loss ~10³-fold (method.md §2.7) and Adam's update follows
+    them alone; steps that decide coarse content (a digit's class) then barely train. A positive per-transition
+    weight leaves the optimum (every residual zero) and so the target distribution unchanged. Shape (N,)."""
+    return std**2 if mode == "variance" else torch.ones_like(std)
+
+
 def mean_square(x: Tensor) -> Tensor:
     """Mean over all elements, as the reference does (not a sum: the scale is independent of the image size)."""
     return x.pow(2).mean()
@@ -89,6 +99,8 @@ class GradientDBObjective(Objective):
         reward_guess_weighting: γ_t of the forward-looking guess; ``off`` leaves the flow score to g_φ alone.
         reverse_loss_trains_policy: also backpropagate the reverse residual into the policy (second-order autograd
             through the UNet, much more expensive). The reference uses the reverse term only to train g_φ.
+        transition_weighting: ``none`` (the reference) or ``variance``: scale each transition's residuals by σ_t²
+            so that early, high-noise transitions are not drowned by the last ones (same optimum).
         timestep_fraction: fraction of the T steps trained per trajectory (K = int(T·fraction) + 1 with the terminal).
         low_variance_subsampling: stratify the trained steps over contiguous chunks (method.md §2.10).
     """
@@ -103,6 +115,7 @@ class GradientDBObjective(Objective):
         use_flow_head: bool = True,
         reward_guess_weighting: GuessWeighting = "alpha_bar",
         reverse_loss_trains_policy: bool = False,
+        transition_weighting: TransitionWeighting = "none",
         timestep_fraction: float = 0.1,
         low_variance_subsampling: bool = True,
     ):
@@ -121,6 +134,7 @@ class GradientDBObjective(Objective):
         self.use_flow_head = use_flow_head
         self.reward_guess_weighting = reward_guess_weighting
         self.reverse_loss_trains_policy = reverse_loss_trains_policy
+        self.transition_weighting = transition_weighting
         self.timestep_fraction = timestep_fraction
         self.low_variance_subsampling = low_variance_subsampling
 
@@ -220,6 +234,9 @@ class GradientDBObjective(Objective):
         forward_residual, reverse_residual = nabla_db_residuals(
             policy_fwd, prior.forward, flow_next, policy_rev, prior.reverse, flow_cur
         )
+        weight = per_sample(transition_weight(std, self.transition_weighting), forward_residual)
+        forward_residual = weight * forward_residual
+        reverse_residual = None if reverse_residual is None else weight * reverse_residual
 
         forward_loss = mean_square(forward_residual)
         loss = forward_loss

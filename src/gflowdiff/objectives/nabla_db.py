@@ -23,6 +23,7 @@ class NablaDB(GradientDBObjective):
         use_flow_head: learn g_φ; False trusts the forward-looking reward guess alone.
         reward_guess_weighting: γ_t of the forward-looking reward guess.
         reverse_loss_trains_policy: second-order backward of the reverse residual into the policy.
+        transition_weighting: ``none`` (reference) or ``variance`` (residuals × σ_t², same optimum).
         timestep_fraction: fraction of the T steps trained per trajectory.
         low_variance_subsampling: stratify the trained steps over contiguous chunks.
     """

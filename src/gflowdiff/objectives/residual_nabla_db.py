@@ -7,7 +7,7 @@ from torch import Tensor
 
 from gflowdiff.diffusion_math import ddim_mean, forward_score, reverse_score
 from gflowdiff.objectives.base import ObjectiveContext
-from gflowdiff.objectives.gradient_db import GradientDBObjective, GuessWeighting, _Scores
+from gflowdiff.objectives.gradient_db import GradientDBObjective, GuessWeighting, TransitionWeighting, _Scores
 from gflowdiff.types import Transitions
 
 
@@ -24,6 +24,7 @@ class ResidualNablaDB(GradientDBObjective):
         use_flow_head: learn g_φ; False trusts the forward-looking reward guess alone (reference ``no_flow``).
         reward_guess_weighting: γ_t of the forward-looking reward guess.
         reverse_loss_trains_policy: second-order backward of the reverse residual into the policy.
+        transition_weighting: ``none`` (reference) or ``variance`` (residuals × σ_t², same optimum).
         timestep_fraction: fraction of the T steps trained per trajectory.
         low_variance_subsampling: stratify the trained steps over contiguous chunks.
     """
@@ -37,6 +38,7 @@ class ResidualNablaDB(GradientDBObjective):
         use_flow_head: bool = True,
         reward_guess_weighting: GuessWeighting = "alpha_bar",
         reverse_loss_trains_policy: bool = False,
+        transition_weighting: TransitionWeighting = "none",
         timestep_fraction: float = 0.1,
         low_variance_subsampling: bool = True,
     ):
@@ -47,6 +49,7 @@ class ResidualNablaDB(GradientDBObjective):
             use_flow_head=use_flow_head,
             reward_guess_weighting=reward_guess_weighting,
             reverse_loss_trains_policy=reverse_loss_trains_policy,
+            transition_weighting=transition_weighting,
             timestep_fraction=timestep_fraction,
             low_variance_subsampling=low_variance_subsampling,
         )
