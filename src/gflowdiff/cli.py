@@ -56,5 +56,10 @@ def main(args: list[str] | None = None) -> GFlowDiffCLI:
     )
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The ``gflowdiff`` console script (returns nothing: a returned object would become the exit status)."""
     main()
+
+
+if __name__ == "__main__":
+    console_main()

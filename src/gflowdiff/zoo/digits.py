@@ -216,7 +216,7 @@ def train_classifier(
 
 def train_diffusion(
     out_dir: Path,
-    steps: int = 3000,
+    steps: int = 1500,
     batch_size: int = 128,
     lr: float = 1e-3,
     p_empty: float = 0.1,
@@ -281,7 +281,7 @@ def train_diffusion(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the embedded digits diffusion model and digit classifier.")
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="folder for digits/ and the classifier")
-    parser.add_argument("--steps", type=int, default=3000, help="diffusion training steps")
+    parser.add_argument("--steps", type=int, default=1500, help="diffusion training steps")
     parser.add_argument("--classifier-steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
