@@ -285,8 +285,9 @@ class GFlowDiffModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         """Export the LoRA in diffusers format next to the logs (``pipe.load_lora_weights(<log_dir>/lora)``)."""
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            export_lora(self.policy, Path(self.trainer.log_dir) / "lora")
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
+        if self.trainer.is_global_zero and log_dir:
+            export_lora(self.policy, Path(log_dir) / "lora")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         restore_trainable_state(self, checkpoint)
