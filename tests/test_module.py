@@ -110,7 +110,7 @@ class NaNReward(DigitClassifierReward):
         return super().score(images, prompts) * float("nan")
 
 
-def test_nan_rewards_skip_steps_then_stop_with_a_clear_error(tiny_sd_path, tmp_path):
+def nan_reward_fit(tiny_sd_path, tmp_path, check_reward_gradient: bool):
     import lightning as L
 
     from gflowdiff.data import PromptDataModule
@@ -121,13 +121,28 @@ def test_nan_rewards_skip_steps_then_stop_with_a_clear_error(tiny_sd_path, tmp_p
         pretrained_model=str(tiny_sd_path),
         sampler=SamplerConfig(num_inference_steps=2, guidance_scale=1.0),
         max_consecutive_bad_steps=2,
+        check_reward_gradient=check_reward_gradient,
     )
-    lora_before = [p.detach().clone() for p in module.policy.lora_parameters()]
     trainer = L.Trainer(
         max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         default_root_dir=tmp_path, limit_val_batches=0,
     )  # fmt: skip
+    return module, trainer, lambda: trainer.fit(module, PromptDataModule(train_prompts="animals", batch_size=2))
+
+
+def test_nan_reward_is_caught_by_the_start_up_self_check(tiny_sd_path, tmp_path):
+    from gflowdiff.rewards import RewardGradientError
+
+    module, trainer, fit = nan_reward_fit(tiny_sd_path, tmp_path, check_reward_gradient=True)
+    with pytest.raises(RewardGradientError, match="NaNReward returned non-finite rewards"):
+        fit()
+    assert module.rollouts_done == 0  # before any rollout
+
+
+def test_nan_rewards_skip_steps_then_stop_with_a_clear_error(tiny_sd_path, tmp_path):
+    module, trainer, fit = nan_reward_fit(tiny_sd_path, tmp_path, check_reward_gradient=False)
+    lora_before = [p.detach().clone() for p in module.policy.lora_parameters()]
     with pytest.raises(FloatingPointError, match="2 consecutive steps.*--model.reward NaNReward returned NaN"):
-        trainer.fit(module, PromptDataModule(train_prompts="animals", batch_size=2))
+        fit()
     assert module.skipped_steps == 2 and trainer.global_step == 0
     assert all(torch.equal(a, b) for a, b in zip(lora_before, module.policy.lora_parameters(), strict=True))
