@@ -285,6 +285,8 @@ class GFlowDiffModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         """Export the LoRA in diffusers format next to the logs (``pipe.load_lora_weights(<log_dir>/lora)``)."""
+        if self.trainer.logger is None:  # no run folder to write into
+            return
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
         if self.trainer.is_global_zero and log_dir:
             export_lora(self.policy, Path(log_dir) / "lora")
