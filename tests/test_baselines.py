@@ -23,9 +23,9 @@ from gflowdiff.module import GFlowDiffModule
 from gflowdiff.objectives import DB, DDPO, DRaFT, NablaDB, Objective, ReFL, ResidualDB, ResidualNablaDB
 from gflowdiff.objectives._pathwise import renoise, reward_loss, window_bounds
 from gflowdiff.objectives._scalar_db import (
-    backward_mean_log_prob,
+    backward_log_prob,
     db_residual,
-    mean_gaussian_log_prob,
+    reduced_gaussian_log_prob,
 )
 from gflowdiff.objectives.ddpo import PromptStatTracker, per_prompt_advantages, ppo_clip_loss, reduce_log_prob
 from gflowdiff.rewards import DigitClassifierReward, Reward
@@ -241,11 +241,11 @@ def test_db_residual_is_zero_for_a_consistent_gaussian_flow():
     a2 = 0.5 / 0.8
     v_next = torch.full((5,), 1.7)
     v = a2 * v_next + (1 - a2)
-    log_pb = backward_mean_log_prob(x, x_next, abar_t, abar_prev)
+    log_pb = backward_log_prob(x, x_next, abar_t, abar_prev)
     post_mean = per_sample(a2**0.5 * v_next / v, x) * x
-    log_pf = mean_gaussian_log_prob(x_next, post_mean, (v_next * (1 - a2) / v).sqrt())
-    log_flow = mean_gaussian_log_prob(x, torch.zeros_like(x), v.sqrt())
-    log_flow_next = mean_gaussian_log_prob(x_next, torch.zeros_like(x_next), v_next.sqrt())
+    log_pf = reduced_gaussian_log_prob(x_next, post_mean, (v_next * (1 - a2) / v).sqrt())
+    log_flow = reduced_gaussian_log_prob(x, torch.zeros_like(x), v.sqrt())
+    log_flow_next = reduced_gaussian_log_prob(x_next, torch.zeros_like(x_next), v_next.sqrt())
     residual = db_residual(log_flow, log_pf, log_pb, log_flow_next)
     torch.testing.assert_close(residual, torch.zeros(5), atol=1e-5, rtol=0)
     # ... and a wrong flow breaks it.
@@ -258,7 +258,9 @@ def test_backward_log_prob_is_the_ddpm_noising_density():
     ratio = per_sample(abar_t / abar_prev, x)
     normal = torch.distributions.Normal(ratio.sqrt() * x_next, (1 - ratio).sqrt())
     expected = normal.log_prob(x).flatten(1).mean(dim=1)
-    torch.testing.assert_close(backward_mean_log_prob(x, x_next, abar_t, abar_prev), expected)
+    torch.testing.assert_close(backward_log_prob(x, x_next, abar_t, abar_prev), expected)
+    # "sum" is the true log-density: the mean times the 2·4·4 = 32 elements.
+    torch.testing.assert_close(backward_log_prob(x, x_next, abar_t, abar_prev, "sum"), 32 * expected)
 
 
 def test_residual_db_residual_vanishes_when_policy_is_pretrained_and_flows_match(tiny_sd_path):
@@ -274,7 +276,7 @@ def test_residual_db_residual_vanishes_when_policy_is_pretrained_and_flows_match
         std = ddim_std(abar_t, abar_prev, TINY_SAMPLER.eta)
         with torch.no_grad():
             eps = policy.predict_noise(chunk.x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, 2.0)
-        log_pf = mean_gaussian_log_prob(chunk.x_next, ddim_mean(chunk.x, eps, abar_t, abar_prev, std), std)
+        log_pf = reduced_gaussian_log_prob(chunk.x_next, ddim_mean(chunk.x, eps, abar_t, abar_prev, std), std)
         return log_pf, objective.prior_log_prob(chunk, ctx, std, abar_t, abar_prev)
 
     # LoRA B = 0: the policy is the pretrained one, log P_F = log P_F^#, and equal flows give a zero residual.

@@ -21,6 +21,7 @@ without any extra machinery, and F_φ = 0 at step 0.
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -30,23 +31,32 @@ from gflowdiff.objectives.base import Objective, ObjectiveContext
 from gflowdiff.subsampling import flatten_steps, subsample_steps
 from gflowdiff.types import ObjectiveOutput, Rollout, Transitions
 
+LogProbReduction = Literal["mean", "sum"]
+
 
 # ---- pure math ------------------------------------------------------------------------------------------------------
-def mean_gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """log N(x; μ, σ²I) / (C·H·W): the per-element mean log-density (DAG's ``logp_mean=True``, method.md §2.1).
+def reduced_gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduction: LogProbReduction = "mean") -> Tensor:
+    """log N(x; μ, σ²I) as the per-element ``mean`` (DAG's ``logp_mean=True``, method.md §2.1) or the ``sum`` over
+    the elements (the true log-density).
 
-    Notation: ``x`` → the state whose density is taken, ``mean`` → μ, ``std`` → σ, (B,).
+    Notation: ``x`` → the state whose density is taken, ``mean`` → μ, ``std`` → σ (B,). With ``mean`` the
+    detailed-balance optimum is p·R^(β·C·H·W) rather than p·R^β: DAG's convention trades the exact temperature for a
+    loss scale independent of the image size.
     """
-    return gaussian_log_prob(x, mean, std) / x[0].numel()
+    log_prob = gaussian_log_prob(x, mean, std)
+    return log_prob / x[0].numel() if reduction == "mean" else log_prob
 
 
-def backward_mean_log_prob(x: Tensor, x_next: Tensor, abar_t: Tensor, abar_prev: Tensor) -> Tensor:
-    """log P_B(x|x') / (C·H·W) for the one-step DDPM noising kernel N(√(ᾱ_t/ᾱ_prev)·x', (1 − ᾱ_t/ᾱ_prev)·I).
+def backward_log_prob(
+    x: Tensor, x_next: Tensor, abar_t: Tensor, abar_prev: Tensor, reduction: LogProbReduction = "mean"
+) -> Tensor:
+    """log P_B(x|x') (per-element mean or sum) for the one-step DDPM noising kernel
+    N(√(ᾱ_t/ᾱ_prev)·x', (1 − ᾱ_t/ᾱ_prev)·I).
 
     Notation: ``x`` → the noisier state at t, ``x_next`` → x' at t − Δ (method.md §1, DAG ``calculate_pb``).
     """
     ratio = abar_t / abar_prev
-    return mean_gaussian_log_prob(x, per_sample(ratio.sqrt(), x_next) * x_next, (1 - ratio).sqrt())
+    return reduced_gaussian_log_prob(x, per_sample(ratio.sqrt(), x_next) * x_next, (1 - ratio).sqrt(), reduction)
 
 
 def forward_looking_log_flow(learned: Tensor, reward_estimate: Tensor, reward_scale: float) -> Tensor:
@@ -86,6 +96,8 @@ class ScalarDBObjective(Objective):
             output (method.md §2.8; DAG uses 1).
         timestep_fraction: fraction of the T steps trained per trajectory (K = int(T·fraction) + 1 with the terminal).
         low_variance_subsampling: stratify the trained steps over contiguous chunks (method.md §2.10).
+        log_prob_reduction: ``mean`` over the state's elements (DAG; the effective reward exponent is then β·C·H·W)
+            or ``sum`` (the true log-densities: the optimum samples ∝ R^β, or p^#·R^β for residual DB).
     """
 
     def __init__(
@@ -95,6 +107,7 @@ class ScalarDBObjective(Objective):
         trust_region_scale: float = 0.0,
         timestep_fraction: float = 0.1,
         low_variance_subsampling: bool = True,
+        log_prob_reduction: LogProbReduction = "mean",
     ):
         super().__init__()
         if reward_scale < 0:
@@ -105,7 +118,10 @@ class ScalarDBObjective(Objective):
             raise ValueError("--model.objective.timestep_fraction must be in (0, 1]")
         self.reward_scale, self.forward_looking = reward_scale, forward_looking
         self.trust_region_scale = trust_region_scale
+        if log_prob_reduction not in ("mean", "sum"):
+            raise ValueError("--model.objective.log_prob_reduction must be 'mean' or 'sum'")
         self.timestep_fraction, self.low_variance_subsampling = timestep_fraction, low_variance_subsampling
+        self.log_prob_reduction: LogProbReduction = log_prob_reduction
 
     @property
     def uses_flow_head(self) -> bool:
@@ -121,7 +137,8 @@ class ScalarDBObjective(Objective):
     def prior_log_prob(
         self, chunk: Transitions, ctx: ObjectiveContext, std: Tensor, abar_t: Tensor, abar_prev: Tensor
     ) -> Tensor:
-        """(N,) mean log Prior(x, x') of each transition; a constant for every parameter."""
+        """(N,) log Prior(x, x') of each transition (reduced by ``log_prob_reduction``); a constant for every
+        parameter."""
 
     # ---- flows --------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -168,7 +185,8 @@ class ScalarDBObjective(Objective):
 
         log_prior = self.prior_log_prob(chunk, ctx, std, abar_t, abar_prev)
         eps = policy.predict_noise(chunk.x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, sampler.guidance_scale)
-        log_pf = mean_gaussian_log_prob(chunk.x_next, ddim_mean(chunk.x, eps, abar_t, abar_prev, std), std)
+        mean = ddim_mean(chunk.x, eps, abar_t, abar_prev, std)
+        log_pf = reduced_gaussian_log_prob(chunk.x_next, mean, std, self.log_prob_reduction)
         log_flow = self.log_flow_current(chunk, eps, abar_t, ctx)
         log_flow_next = self.log_flow_next(chunk, abar_prev, ctx)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from gflowdiff.objectives._scalar_db import ScalarDBObjective, backward_mean_log_prob
+from gflowdiff.objectives._scalar_db import ScalarDBObjective, backward_log_prob
 from gflowdiff.objectives.base import ObjectiveContext
 from gflowdiff.types import Transitions
 
@@ -22,9 +22,10 @@ class DB(ScalarDBObjective):
         trust_region_scale: λ, UNet L2 trust region against the behaviour model's stored outputs.
         timestep_fraction: fraction of the T steps trained per trajectory.
         low_variance_subsampling: stratify the trained steps over contiguous chunks.
+        log_prob_reduction: ``mean`` over elements (DAG; effective exponent β·C·H·W) or ``sum`` (exact R^β).
     """
 
     def prior_log_prob(
         self, chunk: Transitions, ctx: ObjectiveContext, std: Tensor, abar_t: Tensor, abar_prev: Tensor
     ) -> Tensor:
-        return backward_mean_log_prob(chunk.x, chunk.x_next, abar_t, abar_prev)
+        return backward_log_prob(chunk.x, chunk.x_next, abar_t, abar_prev, self.log_prob_reduction)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from gflowdiff.diffusion_math import ddim_mean
-from gflowdiff.objectives._scalar_db import ScalarDBObjective, mean_gaussian_log_prob
+from gflowdiff.objectives._scalar_db import ScalarDBObjective, reduced_gaussian_log_prob
 from gflowdiff.objectives.base import ObjectiveContext
 from gflowdiff.types import Transitions
 
@@ -24,15 +24,17 @@ class ResidualDB(ScalarDBObjective):
         trust_region_scale: λ, UNet L2 trust region against the behaviour model's stored outputs.
         timestep_fraction: fraction of the T steps trained per trajectory.
         low_variance_subsampling: stratify the trained steps over contiguous chunks.
+        log_prob_reduction: ``mean`` over elements (DAG; effective exponent β·C·H·W) or ``sum`` (exact p^#·R^β).
     """
 
     @torch.no_grad()
     def prior_log_prob(
         self, chunk: Transitions, ctx: ObjectiveContext, std: Tensor, abar_t: Tensor, abar_prev: Tensor
     ) -> Tensor:
-        """Mean log P_F^#(x'|x) under the pretrained policy (a constant: no graph through the reference pass)."""
+        """log P_F^#(x'|x) under the pretrained policy (a constant: no graph through the reference pass)."""
         with ctx.policy.reference():
             eps = ctx.policy.predict_noise(
                 chunk.x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, ctx.sampler.guidance_scale
             )
-        return mean_gaussian_log_prob(chunk.x_next, ddim_mean(chunk.x, eps, abar_t, abar_prev, std), std)
+        mean = ddim_mean(chunk.x, eps, abar_t, abar_prev, std)
+        return reduced_gaussian_log_prob(chunk.x_next, mean, std, self.log_prob_reduction)
