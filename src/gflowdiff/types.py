@@ -54,6 +54,13 @@ class Rollout:
             trajectory=trajectory,
         )
 
+    def subsampled_transitions(self, fraction: float, low_variance: bool, generator: torch.Generator) -> Transitions:
+        """The transitions of the steps chosen by :func:`gflowdiff.subsampling.subsample_steps` (terminal first)."""
+        from gflowdiff.subsampling import flatten_steps, subsample_steps
+
+        steps = subsample_steps(self.num_steps, self.batch_size, fraction, low_variance, generator)
+        return self.transitions(*flatten_steps(steps))
+
     def to_state(self) -> dict:
         """Tensors and prompts for a checkpoint (the off-policy buffer)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}

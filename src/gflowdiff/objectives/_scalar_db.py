@@ -28,7 +28,6 @@ from torch import Tensor
 
 from gflowdiff.diffusion_math import ddim_mean, ddim_std, gaussian_log_prob, per_sample, predicted_x0
 from gflowdiff.objectives.base import Objective, ObjectiveContext
-from gflowdiff.subsampling import flatten_steps, subsample_steps
 from gflowdiff.types import ObjectiveOutput, Rollout, Transitions
 
 LogProbReduction = Literal["mean", "sum"]
@@ -128,10 +127,7 @@ class ScalarDBObjective(Objective):
         return True  # the trunk of the scalar log-flow F_φ (see the module docstring)
 
     def transitions(self, rollout: Rollout, generator: torch.Generator) -> Transitions:
-        steps = subsample_steps(
-            rollout.num_steps, rollout.batch_size, self.timestep_fraction, self.low_variance_subsampling, generator
-        )
-        return rollout.transitions(*flatten_steps(steps))
+        return rollout.subsampled_transitions(self.timestep_fraction, self.low_variance_subsampling, generator)
 
     @abstractmethod
     def prior_log_prob(

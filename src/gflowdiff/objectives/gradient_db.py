@@ -27,7 +27,6 @@ from gflowdiff.diffusion_math import (
     reverse_score,
 )
 from gflowdiff.objectives.base import Objective, ObjectiveContext
-from gflowdiff.subsampling import flatten_steps, subsample_steps
 from gflowdiff.types import ObjectiveOutput, Rollout, Transitions
 
 GuessWeighting = Literal["alpha_bar", "sqrt_alpha_bar", "one", "off"]
@@ -143,10 +142,7 @@ class GradientDBObjective(Objective):
         return self.use_flow_head
 
     def transitions(self, rollout: Rollout, generator: torch.Generator) -> Transitions:
-        steps = subsample_steps(
-            rollout.num_steps, rollout.batch_size, self.timestep_fraction, self.low_variance_subsampling, generator
-        )
-        return rollout.transitions(*flatten_steps(steps))
+        return rollout.subsampled_transitions(self.timestep_fraction, self.low_variance_subsampling, generator)
 
     @abstractmethod
     def prior_scores(

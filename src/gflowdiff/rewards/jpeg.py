@@ -45,6 +45,7 @@ class JpegCompressibility(Reward):
 
     differentiable = False
     uses_prompt = False
+    sign = -1.0
 
     def __init__(self, quality: int = 95):
         super().__init__()
@@ -52,23 +53,14 @@ class JpegCompressibility(Reward):
 
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         check_unit_range(images, type(self).__name__)
-        return -jpeg_kilobytes(images, self.quality)
+        return self.sign * jpeg_kilobytes(images, self.quality)
 
 
-class JpegIncompressibility(Reward):
+class JpegIncompressibility(JpegCompressibility):
     """r = +(JPEG size in kB): rewards images that compress badly (texture, noise, detail). Not differentiable.
 
     Args:
         quality: JPEG quality (1–100) used to encode; DDPO uses 95.
     """
 
-    differentiable = False
-    uses_prompt = False
-
-    def __init__(self, quality: int = 95):
-        super().__init__()
-        self.quality = _check_quality(quality)
-
-    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
-        check_unit_range(images, type(self).__name__)
-        return jpeg_kilobytes(images, self.quality)
+    sign = 1.0
