@@ -92,7 +92,8 @@ class ScalarDBObjective(Objective):
         reward_scale: β, the reward exponent of the target (R^β = exp(β·r)).
         forward_looking: add β·r(D(x̂0_θ(x_t))) to the learned log-flow (DAG); False learns F_φ alone.
         trust_region_scale: λ, weight of mean‖ε̂_θ(x,t) − ε̂_old(x,t)‖² against the behaviour model's stored CFG
-            output (method.md §2.8; DAG uses 1).
+            output (method.md §2.8; DAG uses 1). Its gradient is zero until the policy has moved away from the one
+            that sampled the rollout: it acts with ``--model.off_policy`` or several optimizer steps per rollout.
         timestep_fraction: fraction of the T steps trained per trajectory (K = int(T·fraction) + 1 with the terminal).
         low_variance_subsampling: stratify the trained steps over contiguous chunks (method.md §2.10).
         log_prob_reduction: ``mean`` over the state's elements (DAG; the effective reward exponent is then β·C·H·W)

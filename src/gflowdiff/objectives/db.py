@@ -19,7 +19,8 @@ class DB(ScalarDBObjective):
     Args:
         reward_scale: β, the reward exponent of the target R^β.
         forward_looking: add β·r(D(x̂0_θ(x_t))) to the learned log-flow; False learns F_φ alone.
-        trust_region_scale: λ, UNet L2 trust region against the behaviour model's stored outputs.
+        trust_region_scale: λ, UNet L2 trust region against the behaviour model's stored outputs (acts only off-policy
+            or with several optimizer steps per rollout).
         timestep_fraction: fraction of the T steps trained per trajectory.
         low_variance_subsampling: stratify the trained steps over contiguous chunks.
         log_prob_reduction: ``mean`` over elements (DAG; effective exponent β·C·H·W) or ``sum`` (exact R^β).
