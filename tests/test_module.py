@@ -152,3 +152,12 @@ def test_nan_rewards_skip_steps_then_stop_with_a_clear_error(tiny_sd_path, tmp_p
         fit()
     assert module.skipped_steps == 2 and trainer.global_step == 0
     assert all(torch.equal(a, b) for a, b in zip(lora_before, module.policy.lora_parameters(), strict=True))
+
+
+def test_chunks_are_split_into_contiguous_optimizer_steps():
+    from gflowdiff.module import split_into_steps
+
+    # 7 chunks over 3 steps: sizes 3, 2, 2 in order; more steps than chunks drops the empty ones.
+    assert split_into_steps(list("abcdefg"), 3) == [["a", "b", "c"], ["d", "e"], ["f", "g"]]
+    assert split_into_steps(list("ab"), 4) == [["a"], ["b"]]
+    assert split_into_steps(list("abc"), 1) == [["a", "b", "c"]]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import ParallelStrategy
@@ -40,6 +41,12 @@ def step_generator(seed: int, rank: int, rollout_index: int) -> torch.Generator:
     resumed run redraws exactly, and every rank draws differently (method.md §7 item 3: the reference seeds every
     rank identically)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7_919 + rollout_index + 1_000_000_000)
+
+
+def split_into_steps(chunks: list, steps: int) -> list[list]:
+    """Contiguous, near-equal groups of chunks, one per optimizer step, in the objective's order (so DDPO's inner
+    epochs stay one after the other); empty groups are dropped."""
+    return [[chunks[i] for i in group] for group in np.array_split(np.arange(len(chunks)), steps) if len(group)]
 
 
 class GFlowDiffModule(L.LightningModule):
@@ -175,8 +182,7 @@ class GFlowDiffModule(L.LightningModule):
 
         transitions = self.objective.transitions(rollout, generator)
         chunks = transitions.split(self.train_batch_size)
-        steps = self.optimizer_steps_per_rollout
-        groups = [group for group in (chunks[i::steps] for i in range(steps)) if group]
+        groups = split_into_steps(chunks, self.optimizer_steps_per_rollout)
         optimizer = self.optimizers()
         context = self.context(generator)
         totals: dict[str, float] = {}
