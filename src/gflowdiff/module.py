@@ -24,6 +24,7 @@ from torch import Tensor
 
 from gflowdiff.checkpointing import TRAINABLE_STATE_KEY, export_lora, restore_trainable_state, trainable_state
 from gflowdiff.data import DeferredPromptBatch
+from gflowdiff.evaluation import EvaluationConfig, Evaluator, sample_pair, side_by_side
 from gflowdiff.flow_head import FlowHead, FlowHeadConfig
 from gflowdiff.images import image_grid
 from gflowdiff.objectives.base import Objective, ObjectiveContext
@@ -75,6 +76,7 @@ class GFlowDiffModule(L.LightningModule):
             losses or gradients (each one is skipped, counted and logged as ``train/skipped_steps``).
         check_reward_gradient: before training a gradient objective, check on a random image that the reward's
             gradient is finite, non-zero and matches finite differences (catches no_grad/detach/clamp rewards).
+        evaluation: metrics of ``validate``/``test`` and of the validation during ``fit`` (evaluation.py).
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class GFlowDiffModule(L.LightningModule):
         log_images_every_n_steps: int = 50,
         max_consecutive_bad_steps: int = 3,
         check_reward_gradient: bool = True,
+        evaluation: EvaluationConfig = EvaluationConfig(),  # noqa: B008
     ):
         super().__init__()
         if train_batch_size < 1:
@@ -121,6 +124,8 @@ class GFlowDiffModule(L.LightningModule):
             raise ValueError("--model.max_consecutive_bad_steps must be >= 1")
         self.max_consecutive_bad_steps = max_consecutive_bad_steps
         self.check_reward_gradient = check_reward_gradient
+        self.evaluation = evaluation
+        self.evaluator: Evaluator | None = None  # built at the first evaluation (it may load a feature model)
         self.skipped_steps = 0
         self.bad_steps_in_a_row = 0
 
@@ -259,25 +264,55 @@ class GFlowDiffModule(L.LightningModule):
         every = self.log_images_every_n_steps
         if every and step % every == 0 and self.global_rank == 0:
             self.log_image("samples/train", rollout.images, step)
+            experiment = getattr(self.logger, "experiment", None)
+            if experiment is not None and hasattr(experiment, "add_histogram"):
+                experiment.add_histogram("reward/histogram", rewards.cpu(), step)
 
-    def log_image(self, tag: str, images: Tensor, step: int) -> None:
+    def log_image(self, tag: str, images: Tensor, step: int, columns: int | None = None) -> None:
         experiment = getattr(self.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_image"):
-            experiment.add_image(tag, image_grid(images), step)
+            experiment.add_image(tag, image_grid(images, columns=columns), step)
 
-    # ---- evaluation --------------------------------------------------------------------------------------------
+    # ---- evaluation ----------------------------------------------------------------------------------------------
+    def get_evaluator(self) -> Evaluator:
+        if self.evaluator is None:
+            beta = float(getattr(self.objective, "reward_scale", 1.0))
+            self.evaluator = Evaluator(self.evaluation, self.reward, beta).to(self.device)
+        return self.evaluator
+
     def evaluation_step(self, prompts: list[str], batch_idx: int, stage: str) -> None:
-        generator = step_generator(self.seed + 1, self.global_rank, batch_idx)  # the same noise at every evaluation
-        rollout = sample_rollout(self.policy, prompts, self.reward, self.sampler, generator)
-        self.log(f"{stage}/reward_mean", rollout.rewards.mean(), batch_size=len(prompts), sync_dist=True)
+        # The same noise at every evaluation, and for the pretrained and fine-tuned samples of a batch.
+        seed = int(step_generator(self.seed + 1, self.global_rank, batch_idx).initial_seed())
+        samples = sample_pair(
+            self.policy, list(prompts), self.reward, self.sampler, seed, self.evaluation.compare_to_pretrained
+        )
+        self.get_evaluator().update(samples)
         if batch_idx == 0 and self.global_rank == 0:
-            self.log_image(f"samples/{stage}", rollout.images, self.global_step)
+            self.log_image(f"samples/{stage}", samples.tuned.images, self.global_step)
+            count = min(self.evaluation.grid_prompts, len(prompts))
+            if samples.pretrained is not None and count:  # pretrained | fine-tuned, one row per prompt
+                grid = side_by_side(samples.pretrained.images[:count], samples.tuned.images[:count])
+                self.log_image(f"samples/{stage}_pretrained_vs_finetuned", grid, self.global_step, columns=2)
+
+    def log_evaluation(self, stage: str) -> None:
+        evaluator = self.get_evaluator()
+        if evaluator.batches_seen == 0:
+            return
+        results = evaluator.compute()  # synchronised across ranks by torchmetrics
+        evaluator.reset()
+        self.log_dict({f"{stage}/{key}": value for key, value in results.items()}, rank_zero_only=True)
 
     def validation_step(self, prompts: list[str], batch_idx: int) -> None:
         self.evaluation_step(prompts, batch_idx, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        self.log_evaluation("val")
+
     def test_step(self, prompts: list[str], batch_idx: int) -> None:
         self.evaluation_step(prompts, batch_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_evaluation("test")
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,0 +1,231 @@
+"""The second half of ``gflowdiff compare``: evaluate finished runs, aggregate over seeds, write a table and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gflowdiff.evaluation import EvaluationConfig, Evaluator, sample_pair
+
+if TYPE_CHECKING:
+    from gflowdiff.compare import RunSpec
+    from gflowdiff.module import GFlowDiffModule
+
+EVALUATION_SEED = 20_251_126  # the same noise for every run's evaluation (and for its pretrained reference)
+PRETRAINED_ROW = "pretrained (no fine-tuning)"
+
+
+def evaluation_prompts(module: GFlowDiffModule, config: dict, samples: int) -> list[str]:
+    """The run's held-out prompts (its data config), cycled to ``samples``."""
+    from gflowdiff.prompts import load_prompts
+
+    data = config.get("data", {}) or {}
+    source = data.get("eval_prompts") or data.get("train_prompts") or "digits"
+    prompts = load_prompts(source, "--data.eval_prompts")
+    return [prompts[i % len(prompts)] for i in range(samples)]
+
+
+@torch.no_grad()
+def evaluate_module(
+    module: GFlowDiffModule, prompts: list[str], batch_size: int = 128, pretrained_only: bool = False
+) -> dict[str, float]:
+    """Metrics of ``module``'s fine-tuned sampler against its pretrained one, from the same noise per batch.
+    ``pretrained_only`` puts the pretrained sampler with other noise in the fine-tuned place: the floor of every
+    prior distance at this sample count, and the pretrained model's own reward and diversity."""
+    from gflowdiff.sampling import sample_rollout
+
+    beta = float(getattr(module.objective, "reward_scale", 1.0))
+    evaluator = Evaluator(EvaluationConfig(), module.reward, beta)
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        seed = EVALUATION_SEED + start
+        samples = sample_pair(module.policy, chunk, module.reward, module.sampler, seed, with_pretrained=True)
+        if pretrained_only:
+            with module.policy.reference():
+                generator = torch.Generator().manual_seed(seed + 7_777)
+                samples.tuned = sample_rollout(module.policy, chunk, module.reward, module.sampler, generator)
+        evaluator.update(samples)
+    return evaluator.compute()
+
+
+def logged_scalars(version: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(version), size_guidance={"scalars": 0})
+    events.Reload()
+    if tag not in events.Tags().get("scalars", []):
+        return []
+    return [(s.step, s.value) for s in events.Scalars(tag)]
+
+
+def evaluate_run(spec: RunSpec, samples: int) -> dict[str, Any]:
+    """Metrics of one finished run, cached in ``metrics.json`` next to it."""
+    cache = spec.directory / "metrics.json"
+    if cache.exists() and cache.stat().st_mtime >= spec.last_checkpoint.stat().st_mtime:
+        cached = json.loads(cache.read_text())
+        if cached.get("samples") == samples:
+            print(f"[compare] reuse  metrics of {spec.name} seed {spec.seed}", flush=True)
+            return cached
+    import yaml
+
+    from gflowdiff.checkpointing import load_trained_module
+
+    print(f"[compare] eval   {spec.name} seed {spec.seed} ({samples} samples)", flush=True)
+    module = load_trained_module(spec.last_checkpoint)
+    config = yaml.safe_load((spec.version / "config.yaml").read_text())
+    prompts = evaluation_prompts(module, config, samples)
+    step_seconds = [v for _, v in logged_scalars(spec.version, "train/step_seconds")]
+    result = {
+        "name": spec.name,
+        "seed": spec.seed,
+        "samples": samples,
+        "objective": type(module.objective).__name__,
+        "beta": float(getattr(module.objective, "reward_scale", 1.0)),
+        "metrics": evaluate_module(module, prompts),
+        "seconds_per_step": statistics.median(step_seconds) if step_seconds else math.nan,
+        "reward_curve": logged_scalars(spec.version, "reward/mean"),
+    }
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def evaluate_pretrained(spec: RunSpec, samples: int) -> dict[str, float]:
+    """The pretrained row (all runs share one pretrained model), cached in ``<out>/pretrained_metrics.json``."""
+    cache = spec.out / "pretrained_metrics.json"
+    if cache.exists():
+        cached = json.loads(cache.read_text())
+        if cached.get("samples") == samples:
+            return cached["metrics"]
+    import yaml
+
+    from gflowdiff.checkpointing import load_trained_module
+
+    print(f"[compare] eval   the pretrained model ({samples} samples)", flush=True)
+    module = load_trained_module(spec.last_checkpoint)
+    config = yaml.safe_load((spec.version / "config.yaml").read_text())
+    metrics = evaluate_module(module, evaluation_prompts(module, config, samples), pretrained_only=True)
+    cache.write_text(json.dumps({"samples": samples, "metrics": metrics}))
+    return metrics
+
+
+def evaluate_runs(specs: list[RunSpec], samples: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Every run's metrics, and the pretrained model's (evaluated through the first run's config)."""
+    return [evaluate_run(spec, samples) for spec in specs], evaluate_pretrained(specs[0], samples)
+
+
+# ---- aggregation and output ------------------------------------------------------------------------------------------
+COLUMNS = [  # (metric key, header, format)
+    ("reward_mean", "reward ↑", "{:.2f}"),
+    ("diversity", "diversity ↑", "{:.3f}"),
+    ("prior_fid", "FID to prior ↓", "{:.1f}"),
+    ("prior_kid", "KID to prior ↓", "{:.3f}"),
+    ("target_tv", "target TV ↓", "{:.3f}"),
+    ("target_reward", "target's reward", "{:.2f}"),
+]
+
+
+def mean_std(values: list[float], fmt: str) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def group_by_name(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for result in results:
+        groups[result["name"]].append(result)
+    return groups
+
+
+def markdown_table(results: list[dict[str, Any]], pretrained: dict[str, float] | None) -> str:
+    groups = group_by_name(results)
+    header = ["run", "objective", "β", "seeds", *(h for _, h, _ in COLUMNS), "s / step"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    if pretrained:
+        cells = [mean_std([pretrained.get(key, math.nan)], fmt) for key, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join([PRETRAINED_ROW, "–", "–", "–", *cells, "–"]) + " |")
+    for name, runs in groups.items():
+        cells = [mean_std([r["metrics"].get(key, math.nan) for r in runs], fmt) for key, _, fmt in COLUMNS]
+        seconds = mean_std([r["seconds_per_step"] for r in runs], "{:.2f}")
+        row = [name, runs[0]["objective"], f"{runs[0]['beta']:g}", str(len(runs)), *cells, seconds]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot_reward_curves(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, runs in group_by_name(results).items():
+        curves = [dict(r["reward_curve"]) for r in runs if r["reward_curve"]]
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if not steps:
+            continue
+        mean = [statistics.mean(c[s] for c in curves) for s in steps]
+        low = [min(c[s] for c in curves) for s in steps]
+        high = [max(c[s] for c in curves) for s in steps]
+        (line,) = axis.plot(steps, mean, label=name)
+        axis.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("reward of the training rollouts (mean; band: min–max over seeds)")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_frontier(results: list[dict[str, Any]], pretrained: dict[str, float] | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    if pretrained:
+        axis.scatter([pretrained["diversity"]], [pretrained["reward_mean"]], marker="*", s=160, c="k")
+        axis.annotate("pretrained", (pretrained["diversity"], pretrained["reward_mean"]), fontsize=8)
+    for name, runs in group_by_name(results).items():
+        diversity = [r["metrics"]["diversity"] for r in runs]
+        reward = [r["metrics"]["reward_mean"] for r in runs]
+        x, y = statistics.mean(diversity), statistics.mean(reward)
+        xerr = statistics.stdev(diversity) if len(runs) > 1 else 0.0
+        yerr = statistics.stdev(reward) if len(runs) > 1 else 0.0
+        axis.errorbar([x], [y], xerr=[xerr], yerr=[yerr], fmt="o", capsize=3, label=f"{name} (β={runs[0]['beta']:g})")
+    axis.set_xlabel("diversity (mean pairwise feature distance) →")
+    axis.set_ylabel("reward →")
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(results: list[dict[str, Any]], pretrained: dict[str, float] | None, out: Path, command: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(results, pretrained)
+    samples = results[0]["samples"] if results else 0
+    text = (
+        f"Made by: `{command}`\n\n"
+        f"Mean ± std over seeds; each run evaluated on {samples} fresh samples, the pretrained reference from the same "
+        f"noise. The pretrained row compares the pretrained sampler with itself under other noise (the floor of FID "
+        f"and KID at this sample count). s / step: median wall time of a training step (rollout + update).\n\n"
+        f"{table}\n"
+    )
+    (out / "results.md").write_text(text)
+    plot_reward_curves(results, out / "reward_vs_step.png")
+    plot_frontier(results, pretrained, out / "reward_vs_diversity.png")
+    print(text)
+    print(f"[compare] wrote {out / 'results.md'}, {out / 'reward_vs_step.png'}, {out / 'reward_vs_diversity.png'}")

@@ -1,0 +1,133 @@
+"""Evaluation of a policy against its own pretrained model: reward, diversity, prior preservation, target fidelity.
+
+Both samplers start from the same noise, so every difference is due to the fine-tuning. Used by ``gflowdiff
+validate`` / ``test`` (through the LightningModule) and by ``gflowdiff compare``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from gflowdiff.metrics import PerPromptDiversity, PriorFidelity, RewardStatistics, TargetFidelity
+from gflowdiff.metrics.diversity import Distance
+from gflowdiff.metrics.features import FeatureSpace, build_feature_extractor
+from gflowdiff.policy import DiffusionPolicy
+from gflowdiff.rewards.base import Reward
+from gflowdiff.sampling import SamplerConfig, sample_rollout
+from gflowdiff.types import Rollout
+
+
+@dataclass
+class EvaluationConfig:
+    """What ``validate``/``test`` (and the validation during ``fit``) measure.
+
+    Args:
+        feature_space: space of diversity and FID/KID: ``classifier`` (the digit reward's classifier), ``clip`` (a
+            CLIP image embedding from ``feature_model``), or ``auto`` (the classifier when the reward has one).
+        feature_model: CLIP hub id or local folder for ``feature_space: clip``.
+        diversity_distance: ``cosine`` (1 − cos, DreamSim's form) or ``euclidean``.
+        compare_to_pretrained: also sample the pretrained model from the same noise (prior fidelity, target
+            fidelity and side-by-side grids need it; doubles the sampling cost).
+        grid_prompts: prompts whose pretrained | fine-tuned grids go to TensorBoard at each evaluation.
+    """
+
+    feature_space: FeatureSpace = "auto"
+    feature_model: str | None = None
+    diversity_distance: Distance = "cosine"
+    compare_to_pretrained: bool = True
+    grid_prompts: int = 4
+
+    def __post_init__(self) -> None:
+        if self.grid_prompts < 0:
+            raise ValueError("--model.evaluation.grid_prompts must be >= 0")
+
+
+@dataclass
+class EvaluationSamples:
+    """One evaluation batch: fine-tuned samples and, optionally, pretrained samples from the same noise."""
+
+    tuned: Rollout
+    pretrained: Rollout | None
+
+
+@torch.no_grad()
+def sample_pair(
+    policy: DiffusionPolicy,
+    prompts: list[str],
+    reward: Reward,
+    sampler: SamplerConfig,
+    seed: int,
+    with_pretrained: bool,
+) -> EvaluationSamples:
+    tuned = sample_rollout(policy, prompts, reward, sampler, torch.Generator().manual_seed(seed))
+    pretrained = None
+    if with_pretrained:
+        with policy.reference():
+            pretrained = sample_rollout(policy, prompts, reward, sampler, torch.Generator().manual_seed(seed))
+    return EvaluationSamples(tuned, pretrained)
+
+
+class Evaluator(nn.Module):
+    """Holds the metrics of one evaluation; ``update`` per batch, ``compute`` → flat dict of floats, ``reset``."""
+
+    def __init__(self, config: EvaluationConfig, reward: Reward, reward_scale: float) -> None:
+        super().__init__()
+        self.config = config
+        self.features = build_feature_extractor(config.feature_space, reward, config.feature_model)
+        self.classify = getattr(reward, "predict_classes", None)  # a discrete summary: enables target fidelity
+        self.reward_stats = RewardStatistics()
+        self.diversity = PerPromptDiversity(config.diversity_distance)
+        self.pretrained_reward_stats = RewardStatistics()
+        self.pretrained_diversity = PerPromptDiversity(config.diversity_distance)
+        self.prior = PriorFidelity()
+        self.target = TargetFidelity(reward_scale) if self.classify is not None else None
+        self.batches_seen = 0
+
+    def update(self, samples: EvaluationSamples) -> None:
+        tuned, pretrained = samples.tuned, samples.pretrained
+        tuned_features = self.features(tuned.images)
+        self.reward_stats.update(tuned.rewards)
+        self.diversity.update(tuned_features, tuned.prompts)
+        if pretrained is not None:
+            pretrained_features = self.features(pretrained.images)
+            self.pretrained_reward_stats.update(pretrained.rewards)
+            self.pretrained_diversity.update(pretrained_features, pretrained.prompts)
+            self.prior.update(tuned_features, tuned.prompts, pretrained=False)
+            self.prior.update(pretrained_features, pretrained.prompts, pretrained=True)
+            if self.target is not None:
+                self.target.update(pretrained.rewards, self.classify(pretrained.images), self.classify(tuned.images))
+        self.batches_seen += 1
+
+    def compute(self) -> dict[str, float]:
+        results = {f"reward_{k}": float(v) for k, v in self.reward_stats.compute().items()}
+        results["diversity"] = float(self.diversity.compute())
+        if self.prior.update_called:
+            results.update(
+                {f"pretrained_reward_{k}": float(v) for k, v in self.pretrained_reward_stats.compute().items()}
+            )
+            results["pretrained_diversity"] = float(self.pretrained_diversity.compute())
+            results.update({f"prior_{k}": float(v) for k, v in self.prior.compute().items()})
+            if self.target is not None:
+                results.update({f"target_{k}": float(v) for k, v in self.target.compute().items()})
+        return results
+
+    def reset(self) -> None:
+        for metric in (
+            self.reward_stats,
+            self.diversity,
+            self.pretrained_reward_stats,
+            self.pretrained_diversity,
+            self.prior,
+        ):
+            metric.reset()
+        if self.target is not None:
+            self.target.reset()
+        self.batches_seen = 0
+
+
+def side_by_side(pretrained: Tensor, tuned: Tensor) -> Tensor:
+    """(N, C, H, W) pairs → (2N, C, H, W) ordered pretrained₁, fine-tuned₁, pretrained₂, ... for a 2-column grid."""
+    return torch.stack([pretrained, tuned], dim=1).flatten(0, 1)
