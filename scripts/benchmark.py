@@ -1,97 +1,252 @@
-"""Benchmark: seconds per trained transition (residual ∇-DB loss + backward) and rollout speed, with peak memory.
+"""Benchmark: residual ∇-DB training transitions per second in the fused and the reference pass structure, rollout
+samples per second with the LoRA merged and unmerged, and peak memory.
 
-Models: the embedded digits model and the tiny random SD pipeline (built from configs; nothing downloaded).
-Prints a markdown table. Usage: python scripts/benchmark.py [--models digits tiny-sd] [--batch-sizes 4 16]
+Models (nothing downloaded): ``digits`` (the embedded model), ``tiny-sd`` (a tiny random SD pipeline), ``sd15``
+(SD-1.5's architecture with random weights, bf16, 512×512, CFG 5, 50 steps, a CLIP-L aesthetic reward; for a GPU).
+Both pass structures compute the same loss (tests/test_pass_structure.py), so their ratio is the speed-up of
+gflowdiff's passes over the reference code's (method.md §3.1), measured in one run on one machine. Prints markdown
+tables; ``--components`` adds the time of a UNet and a VAE-decoder forward + input-gradient backward.
+
+    python scripts/benchmark.py --models digits tiny-sd --batch-sizes 4 16
+    python scripts/benchmark.py --models sd15 --batch-sizes 1 2 4 8          # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import resource
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from gflowdiff.flow_head import FlowHeadConfig
 from gflowdiff.module import GFlowDiffModule
 from gflowdiff.objectives import ResidualNablaDB
-from gflowdiff.rewards import DigitClassifierReward
+from gflowdiff.policy import LoRAConfig
+from gflowdiff.rewards import AestheticReward, DigitClassifierReward
 from gflowdiff.sampling import SamplerConfig, sample_rollout
 
-
-def peak_memory_mib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB → MiB (process peak RSS)
+CUDA = torch.cuda.is_available()
 
 
-def build_module(model: str, workdir: Path, guidance_scale: float) -> GFlowDiffModule:
+def synchronize() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib() -> float:
+    """CUDA: peak allocated since the last reset. CPU: the process's peak RSS so far (it never resets)."""
+    if CUDA:
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB → GiB
+
+
+def autocast():
+    """bf16 autocast on GPU, as ``--trainer.precision bf16-mixed`` runs a training step; fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else nullcontext()
+
+
+def build_module(model: str, workdir: Path, args: argparse.Namespace) -> GFlowDiffModule:
+    objective = ResidualNablaDB(timestep_fraction=0.1, trust_region_scale=1.0)  # λ > 0 as in the reference runs
     if model == "digits":
-        path = "embedded:digits"
+        module = GFlowDiffModule(
+            objective=objective,
+            reward=DigitClassifierReward(),
+            pretrained_model="embedded:digits",
+            lora=LoRAConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]),
+            sampler=SamplerConfig(num_inference_steps=args.steps or 20, guidance_scale=1.0),
+            flow_head=FlowHeadConfig(block_out_channels=[32, 64], cross_attention_levels=0),
+        )
     elif model == "tiny-sd":
         from gflowdiff.zoo.tiny_sd import build_tiny_sd
 
-        path = str(build_tiny_sd(workdir / "tiny_sd"))
+        module = GFlowDiffModule(
+            objective=objective,
+            reward=DigitClassifierReward(),
+            pretrained_model=str(build_tiny_sd(workdir / "tiny_sd")),
+            sampler=SamplerConfig(num_inference_steps=args.steps or 20, guidance_scale=5.0),
+            flow_head=FlowHeadConfig(block_out_channels=[8, 16], norm_num_groups=4),
+        )
+    elif model == "sd15":
+        from gflowdiff.zoo.sd15_random import build_clip_l_aesthetic, build_sd15_pipeline
+
+        root = Path(args.sd15_dir) if args.sd15_dir else workdir / "sd15"
+        if not (root / "pipeline" / "model_index.json").exists():
+            build_sd15_pipeline(root / "pipeline")
+            build_clip_l_aesthetic(root)
+        module = GFlowDiffModule(
+            objective=objective,
+            reward=AestheticReward(clip_model=str(root / "clip"), head_path=str(root / "head.pth")),
+            pretrained_model=str(root / "pipeline"),
+            frozen_dtype="bfloat16" if CUDA else "float32",
+            sampler=SamplerConfig(num_inference_steps=args.steps or 50, guidance_scale=5.0),
+            flow_head=FlowHeadConfig(
+                block_out_channels=[64, 128, 256, 256], cross_attention_levels=3, norm_num_groups=32
+            ),
+        )
     else:
-        raise SystemExit(f"unknown model {model!r}")
-    module = GFlowDiffModule(
-        objective=ResidualNablaDB(timestep_fraction=0.2),
-        reward=DigitClassifierReward(),
-        pretrained_model=path,
-        sampler=SamplerConfig(num_inference_steps=20, guidance_scale=guidance_scale),
-    )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return module.to(device)
-
-
-def benchmark(module: GFlowDiffModule, batch_size: int, repeats: int) -> dict[str, float]:
-    prompts = ["a handwritten digit"] * batch_size
+        raise SystemExit(f"unknown model {model!r}: use digits, tiny-sd or sd15")
+    module = module.to("cuda" if CUDA else "cpu")
     generator = torch.Generator().manual_seed(0)
-    sample_rollout(module.policy, prompts, module.reward, module.sampler, generator)  # warm-up
-    rollout_times = []
+    with torch.no_grad():  # a trained-looking LoRA and flow head: every term of the loss is live
+        for name, p in module.named_parameters():
+            if "lora_B" in name or (name.startswith("flow_head") and "conv_out" in name):
+                p.copy_(args.lora_scale * torch.randn(p.shape, generator=generator).to(p.device))
+    return module
+
+
+def timed(function, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call."""
+    function()
+    times = []
     for _ in range(repeats):
+        synchronize()
         started = time.perf_counter()
-        rollout = sample_rollout(module.policy, prompts, module.reward, module.sampler, generator)
-        rollout_times.append(time.perf_counter() - started)
-    chunk = module.objective.transitions(rollout, generator).split(batch_size)[1]  # a non-terminal-heavy chunk
-    context = module.context(generator)
-    step_times = []
-    for i in range(repeats + 1):
-        started = time.perf_counter()
-        module.objective.loss(chunk, context).loss.backward()
-        if i > 0:  # the first call is a warm-up
-            step_times.append(time.perf_counter() - started)
-    module.zero_grad(set_to_none=True)
-    return {
-        "s_per_transition": statistics.median(step_times) / len(chunk),
-        "rollout_samples_per_s": batch_size / statistics.median(rollout_times),
-        "peak_mib": peak_memory_mib(),
-    }
+        function()
+        synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def rollout_figures(module: GFlowDiffModule, batch_size: int, repeats: int) -> dict[str, float]:
+    prompts = ["a photo of a cat"] * batch_size
+
+    def sample(merge: bool, pretrained: bool = False):
+        sampler = replace(module.sampler, merge_lora=merge)
+        with module.policy.reference() if pretrained else nullcontext(), autocast():
+            return sample_rollout(module.policy, prompts, None, sampler, torch.Generator().manual_seed(0))
+
+    figures = {}
+    for merge in (False, True):
+        seconds = timed(lambda merge=merge: sample(merge), repeats)
+        figures["merged" if merge else "unmerged"] = batch_size / seconds
+    unmerged, merged, pretrained = sample(False).latents[:, -1], sample(True).latents[:, -1], sample(False, True)
+    lora_effect = (unmerged - pretrained.latents[:, -1]).float().abs().mean()
+    figures["merge_deviation"] = float((merged - unmerged).float().abs().mean() / lora_effect)
+    return figures
+
+
+def transition_figures(module: GFlowDiffModule, batch_size: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Loss + backward of ``batch_size`` non-terminal transitions, in each pass structure."""
+    rollout = sample_rollout(
+        module.policy, ["a photo of a cat"] * batch_size, module.reward, module.sampler, torch.Generator()
+    )
+    step = torch.full((batch_size,), rollout.num_steps // 2, dtype=torch.long)
+    chunk = rollout.transitions(torch.arange(batch_size), step)
+    context = module.context(torch.Generator().manual_seed(0))
+    figures = {}
+    for structure in ("reference", "fused"):
+        module.objective.pass_structure = structure
+
+        def train_step():
+            with autocast():
+                loss = module.objective.loss(chunk, context).loss
+            loss.backward()
+            module.zero_grad(set_to_none=True)
+
+        reset_peak()
+        seconds = timed(train_step, repeats)
+        figures[structure] = {"transitions_per_s": batch_size / seconds, "ms": 1000 * seconds,
+                              "peak_gib": peak_memory_gib()}  # fmt: skip
+    module.objective.pass_structure = "fused"
+    return figures
+
+
+COMPONENT_NAMES = {"unet": "UNet (CFG, 2B)", "decoder": "VAE decoder", "reward": "reward"}
+
+
+def component_figures(module: GFlowDiffModule, batch_size: int, repeats: int) -> dict[str, float]:
+    """Milliseconds of one forward + input-gradient backward of each network at batch B (UNet: 2B with CFG)."""
+    policy, device = module.policy, module.device
+    shape = (batch_size, policy.latent_channels, policy.latent_size, policy.latent_size)
+    prompts = ["a photo of a cat"] * batch_size
+    embeds, negative = policy.encode_prompts(prompts), policy.encode_prompts([""] * batch_size)
+    t = torch.full((batch_size,), 501, device=device)
+    latents = torch.randn(shape, device=device)
+    with torch.no_grad():
+        images = policy.decode(latents)
+
+    def unet():
+        x = latents.clone().requires_grad_(True)
+        with autocast():
+            eps = policy.predict_noise(x, t, embeds, negative, module.sampler.guidance_scale)
+        torch.autograd.grad(eps.float().square().sum(), x)
+
+    def decoder():
+        x = latents.clone().requires_grad_(True)
+        with autocast():
+            out = policy.decode(x)
+        torch.autograd.grad(out.sum(), x)
+
+    def reward():
+        x = images.clone().requires_grad_(True)
+        torch.autograd.grad(module.reward(x, prompts).sum(), x)
+
+    return {name: 1000 * timed(fn, repeats) for name, fn in (("unet", unet), ("decoder", decoder), ("reward", reward))}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["digits", "tiny-sd"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[4, 16])
-    parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--rollout-batch", type=int, default=8, help="trajectories per timed rollout")
+    parser.add_argument("--steps", type=int, default=0, help="sampler steps (default: 20, 50 for sd15)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lora-scale", type=float, default=0.01, help="std of the random LoRA B / flow head output")
+    parser.add_argument("--sd15-dir", default=None, help="reuse (or create) the random SD-1.5 files here")
+    parser.add_argument("--out", type=Path, default=None, help="also write the tables to this file")
+    parser.add_argument("--components", action="store_true", help="also time UNet, VAE decoder and reward passes")
     args = parser.parse_args()
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {device}; torch {torch.__version__}; 20 sampler steps; CFG {args.guidance_scale}")
-    print("| model | B | s / trained transition | rollout samples / s | peak memory (MiB) |")
-    print("|---|---|---|---|---|")
+
+    device = torch.cuda.get_device_name() if CUDA else f"CPU, {torch.get_num_threads()} threads"
+    precision = "bf16 UNet/VAE under bf16 autocast" if CUDA else "fp32"
+    lines = [f"{datetime.date.today()} · {device} · torch {torch.__version__} · {precision}; LoRA r8, flow head and "
+             "reward in fp32"]  # fmt: skip
+
+    def emit(line: str = "") -> None:
+        lines.append(line)
+        print(line, flush=True)
+
+    print(lines[0], flush=True)
     with tempfile.TemporaryDirectory() as workdir:
         for model in args.models:
-            module = build_module(model, Path(workdir), args.guidance_scale)
+            module = build_module(model, Path(workdir), args)
+            s = module.sampler
+            emit(f"\n**{model}** ({s.num_inference_steps} steps, CFG {s.guidance_scale:g})\n")
+            emit("| B | reference structure (transitions/s) | fused (transitions/s) | speed-up | ms / step "
+                 "reference → fused | peak GiB reference → fused |")  # fmt: skip
+            emit("|---|---|---|---|---|---|")
             for batch_size in args.batch_sizes:
-                result = benchmark(module, batch_size, args.repeats)
-                print(
-                    f"| {model} | {batch_size} | {result['s_per_transition']:.4f} | "
-                    f"{result['rollout_samples_per_s']:.1f} | {result['peak_mib']:.0f} |",
-                    flush=True,
-                )
+                f = transition_figures(module, batch_size, args.repeats)
+                ref, fused = f["reference"], f["fused"]
+                emit(f"| {batch_size} | {ref['transitions_per_s']:.2f} | {fused['transitions_per_s']:.2f} | "
+                     f"{fused['transitions_per_s'] / ref['transitions_per_s']:.2f}× | {ref['ms']:.0f} → "
+                     f"{fused['ms']:.0f} | {ref['peak_gib']:.2f} → {fused['peak_gib']:.2f} |")  # fmt: skip
+            r = rollout_figures(module, args.rollout_batch, args.repeats)
+            emit(f"\nrollout, {args.rollout_batch} trajectories: {r['unmerged']:.2f} samples/s with the LoRA unmerged, "
+                 f"{r['merged']:.2f} merged ({r['merged'] / r['unmerged']:.2f}×); merged − unmerged final latents: "
+                 f"{100 * r['merge_deviation']:.2f} % of the LoRA's own effect (mean |Δ|)")  # fmt: skip
+            if args.components:
+                for batch_size in args.batch_sizes:
+                    c = component_figures(module, batch_size, args.repeats)
+                    ms = ", ".join(f"{name} {c[key]:.0f} ms" for key, name in COMPONENT_NAMES.items())
+                    emit(f"components at B={batch_size}, forward + input-gradient backward: {ms}")
+            del module
+            if CUDA:
+                torch.cuda.empty_cache()
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

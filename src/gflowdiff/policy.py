@@ -113,6 +113,7 @@ class DiffusionPolicy(nn.Module):
         )
         self.scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs)
         self.frozen_dtype = frozen_dtype
+        self.adapters_active = True  # False inside reference()
 
         for module in (self.text_encoder, self.unet, self.vae):
             if module is not None:
@@ -194,10 +195,45 @@ class DiffusionPolicy(nn.Module):
     def reference(self) -> Iterator[None]:
         """Run the pretrained policy P_F^#: the same UNet with its LoRA adapters disabled."""
         self.unet.disable_adapters()
+        self.adapters_active = False
         try:
             yield
         finally:
             self.unet.enable_adapters()
+            self.adapters_active = True
+
+    def should_merge_lora(self, merge: bool | None) -> bool:
+        """``None`` (auto): merge only when the frozen weights are fp32, where W + ΔW rounds like the unmerged sum.
+        In bf16 the merged weight is rounded to W's bf16 grid, which can erase a young LoRA's small ΔW."""
+        return self.frozen_dtype == torch.float32 if merge is None else merge
+
+    @contextmanager
+    def merged_lora(self) -> Iterator[None]:
+        """Inference with each LoRA update folded into its base weight (one matmul per layer instead of three).
+
+        The original weight tensors are put back afterwards, bit for bit: no subtract-back rounding drift over
+        thousands of steps. Without gradients only (the merged weights are not the trained parameters).
+        """
+        from peft.tuners.lora import LoraLayer
+
+        if not self.adapters_active or torch.is_grad_enabled():
+            yield  # the pretrained policy needs no merge; training passes keep the LoRA branch
+            return
+        saved = []
+        for layer in self.unet.modules():
+            if not isinstance(layer, LoraLayer):
+                continue
+            base = layer.get_base_layer()
+            delta = sum(layer.get_delta_weight(name).float() for name in layer.active_adapters if name in layer.lora_A)
+            saved.append((base, base.weight.data))
+            base.weight.data = (base.weight.data.float() + delta).to(base.weight.dtype)
+        self.unet.disable_adapters()  # the LoRA branch now lives in the weights
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+            for base, original in saved:
+                base.weight.data = original
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents → images in [0, 1], fp32. The clamp zeroes gradients of saturated pixels, as the reference does."""

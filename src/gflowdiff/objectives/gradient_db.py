@@ -31,6 +31,7 @@ from gflowdiff.types import ObjectiveOutput, Rollout, Transitions
 
 GuessWeighting = Literal["alpha_bar", "sqrt_alpha_bar", "one", "off"]
 TransitionWeighting = Literal["none", "variance"]
+PassStructure = Literal["fused", "reference"]
 
 
 # ---- pure math ------------------------------------------------------------------------------------------------------
@@ -102,6 +103,9 @@ class GradientDBObjective(Objective):
             so that early, high-noise transitions are not drowned by the last ones (same optimum).
         timestep_fraction: fraction of the T steps trained per trajectory (K = int(T·fraction) + 1 with the terminal).
         low_variance_subsampling: stratify the trained steps over contiguous chunks (method.md §2.10).
+        pass_structure: how the loss is computed, not what: ``fused`` (default) takes the policy's reverse score and
+            the reward guess at x in one vector-Jacobian product and decodes both guesses in one VAE call;
+            ``reference`` re-creates the reference code's passes (method.md §3.1) for comparisons and benchmarks.
     """
 
     requires_reward_gradient = True
@@ -117,8 +121,11 @@ class GradientDBObjective(Objective):
         transition_weighting: TransitionWeighting = "none",
         timestep_fraction: float = 0.1,
         low_variance_subsampling: bool = True,
+        pass_structure: PassStructure = "fused",
     ):
         super().__init__()
+        if pass_structure not in ("fused", "reference"):
+            raise ValueError(f"--model.objective.pass_structure must be fused or reference, got {pass_structure!r}")
         if reward_scale < 0:
             raise ValueError("--model.objective.reward_scale must be >= 0")
         if reverse_loss_scale < 0:
@@ -136,6 +143,7 @@ class GradientDBObjective(Objective):
         self.transition_weighting = transition_weighting
         self.timestep_fraction = timestep_fraction
         self.low_variance_subsampling = low_variance_subsampling
+        self.pass_structure = pass_structure
 
     @property
     def uses_flow_head(self) -> bool:
@@ -162,38 +170,53 @@ class GradientDBObjective(Objective):
         (gradient,) = torch.autograd.grad(rewards.sum(), x, retain_graph=True)
         return gradient.detach()
 
-    def flow_score_next(self, chunk: Transitions, ctx: ObjectiveContext, abar_prev: Tensor) -> tuple[Tensor, Tensor]:
-        """∇_{x'} log F(x'): exact β·∇r(x_T) on terminal transitions (γ = 1, the paper's terminal condition; the
-        reference multiplies by ᾱ_0 ≈ 0.999), else g_φ(x', t−Δ) + β·γ·∇_{x'} r(D(x̂0_θ(x', t−Δ))).
-        Returns (flow score, g_φ(x') on the terminal rows for the terminal loss)."""
+    def guess_point_next(self, chunk: Transitions, ctx: ObjectiveContext, abar_prev: Tensor) -> tuple[Tensor, Tensor]:
+        """(x' as a leaf requiring grad, the point whose reward is differentiated): x̂0_θ(x', t−Δ) on non-terminal
+        rows (one policy pass, LoRA on, with CFG), x' itself on terminal rows (the exact terminal condition)."""
         terminal = chunk.is_terminal
         x_next = chunk.x_next.detach().requires_grad_(True)
-        guess = torch.zeros_like(x_next)
-        gamma = per_sample(guess_weight(abar_prev, self.reward_guess_weighting), x_next)
-        with torch.enable_grad():
-            x0_hat = x_next
-            if (~terminal).any() and self.reward_guess_weighting != "off":
-                rows = (~terminal).nonzero().squeeze(1)
-                eps = ctx.policy.predict_noise(
-                    x_next[rows],
-                    chunk.t_prev[rows],
-                    chunk.prompt_embeds[rows],
-                    chunk.negative_embeds[rows],
-                    ctx.sampler.guidance_scale,
-                )
-                x0_rows = predicted_x0(x_next[rows], eps, abar_prev[rows])
-                x0_hat = x_next.index_put((rows,), x0_rows)
-            if terminal.any() or self.reward_guess_weighting != "off":
-                guess = self.reward_gradient(x_next, x0_hat, chunk.prompts, ctx)
+        x0_hat = x_next
+        if (~terminal).any() and self.reward_guess_weighting != "off":
+            rows = (~terminal).nonzero().squeeze(1)
+            eps = ctx.policy.predict_noise(
+                x_next[rows],
+                chunk.t_prev[rows],
+                chunk.prompt_embeds[rows],
+                chunk.negative_embeds[rows],
+                ctx.sampler.guidance_scale,
+            )
+            x0_hat = x_next.index_put((rows,), predicted_x0(x_next[rows], eps, abar_prev[rows]))
+        return x_next, x0_hat
+
+    def needs_guess_next(self, chunk: Transitions) -> bool:
+        return bool(chunk.is_terminal.any()) or self.reward_guess_weighting != "off"
+
+    def flow_from_guess_next(
+        self, chunk: Transitions, guess: Tensor, ctx: ObjectiveContext, abar_prev: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """∇_{x'} log F(x') from ∇_{x'} r at the guess point: β·∇r(x_T) on terminal rows (γ = 1, the paper's
+        terminal condition; the reference multiplies by ᾱ_0 ≈ 0.999), else g_φ(x', t−Δ) + β·γ·∇_{x'} r(D(x̂0)).
+        Returns (flow score, g_φ(x') on the terminal rows for the terminal loss)."""
+        terminal = chunk.is_terminal
+        gamma = per_sample(guess_weight(abar_prev, self.reward_guess_weighting), guess)
         weight = torch.where(per_sample(terminal, guess).bool(), torch.ones_like(gamma), gamma)
         flow = self.reward_scale * weight * guess
-        g_terminal = x_next.new_zeros(0)
+        g_terminal = guess.new_zeros(0)
         if self.use_flow_head:
             g = ctx.flow_head(chunk.x_next, chunk.t_prev, chunk.prompt_embeds)
             mask = per_sample(terminal, g)
             flow = flow + (1 - mask) * g  # no g on terminal states: the terminal condition is exact
             g_terminal = g[terminal]
         return flow, g_terminal
+
+    def flow_score_next(self, chunk: Transitions, ctx: ObjectiveContext, abar_prev: Tensor) -> tuple[Tensor, Tensor]:
+        """∇_{x'} log F(x') with its own reward-gradient pass (the reference's structure)."""
+        guess = torch.zeros_like(chunk.x_next)
+        if self.needs_guess_next(chunk):
+            with torch.enable_grad():
+                x_next, x0_hat = self.guess_point_next(chunk, ctx, abar_prev)
+                guess = self.reward_gradient(x_next, x0_hat, chunk.prompts, ctx)
+        return self.flow_from_guess_next(chunk, guess, ctx, abar_prev)
 
     def flow_score_current(
         self, chunk: Transitions, x: Tensor, eps: Tensor, abar_t: Tensor, ctx: ObjectiveContext
@@ -207,10 +230,76 @@ class GradientDBObjective(Objective):
             flow = flow + ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds)
         return flow
 
+    def reference_structure_residuals(
+        self,
+        chunk: Transitions,
+        ctx: ObjectiveContext,
+        x: Tensor,
+        eps: Tensor,
+        mean: Tensor,
+        std: Tensor,
+        policy_fwd: Tensor,
+        prior: _Scores,
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """The reference's passes (method.md §3.1 steps 6–12): the policy's reverse VJP, a reward-gradient pass at
+        x' and another at x, each on its own."""
+        abar_t, abar_prev = ctx.policy.alpha_bar(chunk.t), ctx.policy.alpha_bar(chunk.t_prev)
+        need_reverse = self.reverse_loss_scale > 0
+        policy_rev = None
+        if need_reverse:
+            policy_rev = reverse_score(x, chunk.x_next, mean, std, create_graph=self.reverse_loss_trains_policy)
+        flow_next, g_terminal = self.flow_score_next(chunk, ctx, abar_prev)
+        flow_cur = self.flow_score_current(chunk, x, eps, abar_t, ctx) if need_reverse else None
+        forward_residual, reverse_residual = nabla_db_residuals(
+            policy_fwd, prior.forward, flow_next, policy_rev, prior.reverse, flow_cur
+        )
+        return forward_residual, reverse_residual, flow_next, g_terminal
+
+    def fused_gradients(
+        self, chunk: Transitions, ctx: ObjectiveContext, x: Tensor, eps: Tensor, mean: Tensor, std: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """All input gradients the loss needs, in one backward over the policy graphs and one VAE decode:
+
+            ∂/∂x  [ log P_F(x'|x) + Σ β·γ_t·r(D(x̂0_θ(x, t))) ]  = policy reverse score + β·γ_t·∇_x r
+            ∂/∂x' [ Σ r(D(x̂0_θ(x', t−Δ))) ]                      = the forward-looking guess at x'
+
+        Gradients are linear, so the sum is exactly what the reverse residual needs (it never uses the two
+        apart), and one VJP through the step's UNet graph replaces the reference's two. Returns (∇ log F(x'),
+        g_φ(x_T) on terminal rows, reverse score + guess at x, or None without the reverse term).
+        """
+        abar_t, abar_prev = ctx.policy.alpha_bar(chunk.t), ctx.policy.alpha_bar(chunk.t_prev)
+        need_reverse = self.reverse_loss_scale > 0
+        guess_at_x = need_reverse and self.reward_guess_weighting != "off" and self.reward_scale > 0
+        need_next = self.needs_guess_next(chunk)
+        outputs, points = [], []
+        with torch.enable_grad():
+            if need_next:
+                x_next, x0_next = self.guess_point_next(chunk, ctx, abar_prev)
+                points.append(x0_next)
+            if guess_at_x:
+                points.append(predicted_x0(x, eps, abar_t))
+            if points:
+                images = ctx.policy.decode(torch.cat(points))  # one VAE decode for both guesses
+                rewards = ctx.reward(images, chunk.prompts * len(points))
+                n = len(chunk)
+                if need_next:
+                    outputs.append(rewards[:n].sum())
+                if guess_at_x:
+                    gamma = guess_weight(abar_t, self.reward_guess_weighting)
+                    outputs.append((self.reward_scale * gamma * rewards[-n:]).sum())
+            if need_reverse:
+                # log P_F(x'|x) up to terms without x; x' is the stored constant, not the leaf above
+                outputs.append(-((chunk.x_next - mean) ** 2 / (2 * per_sample(std, mean) ** 2)).sum())
+            inputs = ([x_next] if need_next else []) + ([x] if need_reverse else [])
+            grads = torch.autograd.grad(torch.stack(outputs).sum(), inputs, retain_graph=True) if inputs else []
+        grads = [g.detach() for g in grads]
+        guess_next = grads.pop(0) if need_next else torch.zeros_like(chunk.x_next)
+        flow_next, g_terminal = self.flow_from_guess_next(chunk, guess_next, ctx, abar_prev)
+        return flow_next, g_terminal, grads.pop(0) if need_reverse else None
+
     # ---- loss ---------------------------------------------------------------------------------------------------
     def loss(self, chunk: Transitions, ctx: ObjectiveContext) -> ObjectiveOutput:
         policy, sampler = ctx.policy, ctx.sampler
-        need_reverse = self.reverse_loss_scale > 0
         abar_t, abar_prev = policy.alpha_bar(chunk.t), policy.alpha_bar(chunk.t_prev)
         std = ddim_std(abar_t, abar_prev, sampler.eta)
 
@@ -221,15 +310,19 @@ class GradientDBObjective(Objective):
         eps = policy.predict_noise(x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, sampler.guidance_scale)
         mean = ddim_mean(x, eps, abar_t, abar_prev, std)
         policy_fwd = forward_score(chunk.x_next, mean, std)
-        policy_rev = None
-        if need_reverse:
-            policy_rev = reverse_score(x, chunk.x_next, mean, std, create_graph=self.reverse_loss_trains_policy)
+        if self.pass_structure == "fused" and not self.reverse_loss_trains_policy:
+            flow_next, g_terminal, policy_rev_plus_guess = self.fused_gradients(chunk, ctx, x, eps, mean, std)
+            forward_residual = policy_fwd - prior.forward - flow_next
+            reverse_residual = None
+            if policy_rev_plus_guess is not None:
+                g_cur = ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds) if self.use_flow_head else 0.0
+                # policy_rev − prior_rev + flow_cur, with flow_cur = g_φ(x) + β·γ_t·∇_x r (method.md §2.3)
+                reverse_residual = policy_rev_plus_guess - prior.reverse + g_cur
+        else:
+            forward_residual, reverse_residual, flow_next, g_terminal = self.reference_structure_residuals(
+                chunk, ctx, x, eps, mean, std, policy_fwd, prior
+            )
 
-        flow_next, g_terminal = self.flow_score_next(chunk, ctx, abar_prev)
-        flow_cur = self.flow_score_current(chunk, x, eps, abar_t, ctx) if need_reverse else None
-        forward_residual, reverse_residual = nabla_db_residuals(
-            policy_fwd, prior.forward, flow_next, policy_rev, prior.reverse, flow_cur
-        )
         weight = per_sample(transition_weight(std, self.transition_weighting), forward_residual)
         forward_residual = weight * forward_residual
         reverse_residual = None if reverse_residual is None else weight * reverse_residual

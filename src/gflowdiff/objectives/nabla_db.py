@@ -26,6 +26,7 @@ class NablaDB(GradientDBObjective):
         transition_weighting: ``none`` (reference) or ``variance`` (residuals × σ_t², same optimum).
         timestep_fraction: fraction of the T steps trained per trajectory.
         low_variance_subsampling: stratify the trained steps over contiguous chunks.
+        pass_structure: ``fused`` (default, faster) or ``reference`` (the reference code's passes); same loss.
     """
 
     def prior_scores(

@@ -7,7 +7,13 @@ from torch import Tensor
 
 from gflowdiff.diffusion_math import ddim_mean, forward_score, reverse_score
 from gflowdiff.objectives.base import ObjectiveContext
-from gflowdiff.objectives.gradient_db import GradientDBObjective, GuessWeighting, TransitionWeighting, _Scores
+from gflowdiff.objectives.gradient_db import (
+    GradientDBObjective,
+    GuessWeighting,
+    PassStructure,
+    TransitionWeighting,
+    _Scores,
+)
 from gflowdiff.types import Transitions
 
 
@@ -27,6 +33,7 @@ class ResidualNablaDB(GradientDBObjective):
         transition_weighting: ``none`` (reference) or ``variance`` (residuals × σ_t², same optimum).
         timestep_fraction: fraction of the T steps trained per trajectory.
         low_variance_subsampling: stratify the trained steps over contiguous chunks.
+        pass_structure: ``fused`` (default, faster) or ``reference`` (the reference code's passes); same loss.
     """
 
     def __init__(
@@ -41,6 +48,7 @@ class ResidualNablaDB(GradientDBObjective):
         transition_weighting: TransitionWeighting = "none",
         timestep_fraction: float = 0.1,
         low_variance_subsampling: bool = True,
+        pass_structure: PassStructure = "fused",
     ):
         super().__init__(
             reward_scale=reward_scale,
@@ -52,6 +60,7 @@ class ResidualNablaDB(GradientDBObjective):
             transition_weighting=transition_weighting,
             timestep_fraction=timestep_fraction,
             low_variance_subsampling=low_variance_subsampling,
+            pass_structure=pass_structure,
         )
         if pretrained_strength < 0:
             raise ValueError("--model.objective.pretrained_strength must be >= 0")

@@ -13,7 +13,7 @@ import torch
 TINY_TEXT_HIDDEN = 16
 
 
-def build_tiny_clip_tokenizer(directory: Path):
+def build_tiny_clip_tokenizer(directory: Path, model_max_length: int = 16):
     """A real CLIPTokenizer over single characters (no merges): every word becomes its characters."""
     from transformers import CLIPTokenizer
 
@@ -25,7 +25,9 @@ def build_tiny_clip_tokenizer(directory: Path):
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=16)
+    tokenizer = CLIPTokenizer(
+        str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=model_max_length
+    )
     tokenizer.save_pretrained(directory)
     return tokenizer
 
