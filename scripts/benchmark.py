@@ -228,7 +228,13 @@ def main() -> None:
                  "reference → fused | peak GiB reference → fused |")  # fmt: skip
             emit("|---|---|---|---|---|---|")
             for batch_size in args.batch_sizes:
-                f = transition_figures(module, batch_size, args.repeats)
+                try:
+                    f = transition_figures(module, batch_size, args.repeats)
+                except torch.OutOfMemoryError:
+                    emit(f"| {batch_size} | out of memory | | | | |")
+                    module.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    continue
                 ref, fused = f["reference"], f["fused"]
                 emit(f"| {batch_size} | {ref['transitions_per_s']:.2f} | {fused['transitions_per_s']:.2f} | "
                      f"{fused['transitions_per_s'] / ref['transitions_per_s']:.2f}× | {ref['ms']:.0f} → "

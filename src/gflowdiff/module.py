@@ -215,6 +215,8 @@ class GFlowDiffModule(L.LightningModule):
         totals["train/rollout_seconds"] = rollout_seconds
         totals["train/step_seconds"] = time.perf_counter() - started
         totals["train/skipped_steps"] = float(self.skipped_steps)
+        if self.device.type == "cuda":
+            totals["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.log_dict(totals, on_step=True, prog_bar=False, batch_size=len(prompts))
         self.log("loss", totals.get("objective/loss", math.nan), prog_bar=True, batch_size=len(prompts))
 

@@ -104,8 +104,8 @@ class GradientDBObjective(Objective):
         timestep_fraction: fraction of the T steps trained per trajectory (K = int(T·fraction) + 1 with the terminal).
         low_variance_subsampling: stratify the trained steps over contiguous chunks (method.md §2.10).
         pass_structure: how the loss is computed, not what: ``fused`` (default) takes the policy's reverse score and
-            the reward guess at x in one vector-Jacobian product and decodes both guesses in one VAE call;
-            ``reference`` re-creates the reference code's passes (method.md §3.1) for comparisons and benchmarks.
+            the reward guess at x in one vector-Jacobian product, and frees the x' pass before the x pass (one UNet
+            graph alive at a time); ``reference`` re-creates the reference code's passes (method.md §3.1).
     """
 
     requires_reward_gradient = True
@@ -255,47 +255,46 @@ class GradientDBObjective(Objective):
         )
         return forward_residual, reverse_residual, flow_next, g_terminal
 
-    def fused_gradients(
-        self, chunk: Transitions, ctx: ObjectiveContext, x: Tensor, eps: Tensor, mean: Tensor, std: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """All input gradients the loss needs, in one backward over the policy graphs and one VAE decode:
-
-            ∂/∂x  [ log P_F(x'|x) + Σ β·γ_t·r(D(x̂0_θ(x, t))) ]  = policy reverse score + β·γ_t·∇_x r
-            ∂/∂x' [ Σ r(D(x̂0_θ(x', t−Δ))) ]                      = the forward-looking guess at x'
-
-        Gradients are linear, so the sum is exactly what the reverse residual needs (it never uses the two
-        apart), and one VJP through the step's UNet graph replaces the reference's two. Returns (∇ log F(x'),
-        g_φ(x_T) on terminal rows, reverse score + guess at x, or None without the reverse term).
-        """
-        abar_t, abar_prev = ctx.policy.alpha_bar(chunk.t), ctx.policy.alpha_bar(chunk.t_prev)
-        need_reverse = self.reverse_loss_scale > 0
-        guess_at_x = need_reverse and self.reward_guess_weighting != "off" and self.reward_scale > 0
-        need_next = self.needs_guess_next(chunk)
-        outputs, points = [], []
+    def guess_next_gradient(self, chunk: Transitions, ctx: ObjectiveContext, abar_prev: Tensor) -> Tensor:
+        """∇_{x'} r at the guess point (x̂0_θ(x', t−Δ), or x_T on terminal rows); its UNet and VAE graphs are freed
+        on return, before the policy pass at x builds its own (one UNet graph alive at a time)."""
+        if not self.needs_guess_next(chunk):
+            return torch.zeros_like(chunk.x_next)
         with torch.enable_grad():
-            if need_next:
-                x_next, x0_next = self.guess_point_next(chunk, ctx, abar_prev)
-                points.append(x0_next)
-            if guess_at_x:
-                points.append(predicted_x0(x, eps, abar_t))
-            if points:
-                images = ctx.policy.decode(torch.cat(points))  # one VAE decode for both guesses
-                rewards = ctx.reward(images, chunk.prompts * len(points))
-                n = len(chunk)
-                if need_next:
-                    outputs.append(rewards[:n].sum())
-                if guess_at_x:
-                    gamma = guess_weight(abar_t, self.reward_guess_weighting)
-                    outputs.append((self.reward_scale * gamma * rewards[-n:]).sum())
-            if need_reverse:
-                # log P_F(x'|x) up to terms without x; x' is the stored constant, not the leaf above
-                outputs.append(-((chunk.x_next - mean) ** 2 / (2 * per_sample(std, mean) ** 2)).sum())
-            inputs = ([x_next] if need_next else []) + ([x] if need_reverse else [])
-            grads = torch.autograd.grad(torch.stack(outputs).sum(), inputs, retain_graph=True) if inputs else []
-        grads = [g.detach() for g in grads]
-        guess_next = grads.pop(0) if need_next else torch.zeros_like(chunk.x_next)
-        flow_next, g_terminal = self.flow_from_guess_next(chunk, guess_next, ctx, abar_prev)
-        return flow_next, g_terminal, grads.pop(0) if need_reverse else None
+            x_next, x0_hat = self.guess_point_next(chunk, ctx, abar_prev)
+            rewards = ctx.reward(ctx.policy.decode(x0_hat), chunk.prompts)
+            (gradient,) = torch.autograd.grad(rewards.sum(), x_next)
+        return gradient.detach()
+
+    def reverse_score_plus_guess(
+        self, chunk: Transitions, ctx: ObjectiveContext, x: Tensor, eps: Tensor, mean: Tensor, std: Tensor
+    ) -> Tensor:
+        """∇_x [log P_F(x'|x) + β·γ_t·r(D(x̂0_θ(x, t)))] = the policy's reverse score + the reward part of ∇_x log F,
+        in one vector-Jacobian product through the policy pass at x (the reference takes two). Gradients are
+        linear, and the reverse residual only ever uses this sum. The UNet graph is kept for the parameter backward.
+        """
+        abar_t = ctx.policy.alpha_bar(chunk.t)
+        with torch.enable_grad():
+            # log P_F(x'|x) up to terms without x (x' is the stored constant)
+            total = -((chunk.x_next - mean) ** 2 / (2 * per_sample(std, mean) ** 2)).sum()
+            if self.reward_guess_weighting != "off" and self.reward_scale > 0:
+                rewards = ctx.reward(ctx.policy.decode(predicted_x0(x, eps, abar_t)), chunk.prompts)
+                gamma = guess_weight(abar_t, self.reward_guess_weighting)
+                total = total + (self.reward_scale * gamma * rewards).sum()
+            (gradient,) = torch.autograd.grad(total, x, retain_graph=True)
+        return gradient.detach()
+
+    def policy_pass(
+        self, chunk: Transitions, ctx: ObjectiveContext, abar_t: Tensor, abar_prev: Tensor, std: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """ε̂_θ(x, t) with LoRA on; x requires grad for the reverse score and the reward guess at x. Returns
+        (x, ε̂, μ_θ, ∇_{x'} log P_F(x'|x))."""
+        x = chunk.x.detach().requires_grad_(True)
+        eps = ctx.policy.predict_noise(
+            x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, ctx.sampler.guidance_scale
+        )
+        mean = ddim_mean(x, eps, abar_t, abar_prev, std)
+        return x, eps, mean, forward_score(chunk.x_next, mean, std)
 
     # ---- loss ---------------------------------------------------------------------------------------------------
     def loss(self, chunk: Transitions, ctx: ObjectiveContext) -> ObjectiveOutput:
@@ -305,20 +304,20 @@ class GradientDBObjective(Objective):
 
         prior = self.prior_scores(chunk, ctx, std, abar_t, abar_prev)
 
-        # Policy pass (LoRA on). x needs a gradient for the reverse score and the forward-looking guess at x.
-        x = chunk.x.detach().requires_grad_(True)
-        eps = policy.predict_noise(x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, sampler.guidance_scale)
-        mean = ddim_mean(x, eps, abar_t, abar_prev, std)
-        policy_fwd = forward_score(chunk.x_next, mean, std)
         if self.pass_structure == "fused" and not self.reverse_loss_trains_policy:
-            flow_next, g_terminal, policy_rev_plus_guess = self.fused_gradients(chunk, ctx, x, eps, mean, std)
+            # The x' pass runs first and is freed, so only one UNet graph and one VAE graph are alive at a time.
+            guess_next = self.guess_next_gradient(chunk, ctx, abar_prev)
+            x, eps, mean, policy_fwd = self.policy_pass(chunk, ctx, abar_t, abar_prev, std)
+            flow_next, g_terminal = self.flow_from_guess_next(chunk, guess_next, ctx, abar_prev)
             forward_residual = policy_fwd - prior.forward - flow_next
             reverse_residual = None
-            if policy_rev_plus_guess is not None:
+            if self.reverse_loss_scale > 0:
                 g_cur = ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds) if self.use_flow_head else 0.0
                 # policy_rev − prior_rev + flow_cur, with flow_cur = g_φ(x) + β·γ_t·∇_x r (method.md §2.3)
+                policy_rev_plus_guess = self.reverse_score_plus_guess(chunk, ctx, x, eps, mean, std)
                 reverse_residual = policy_rev_plus_guess - prior.reverse + g_cur
         else:
+            x, eps, mean, policy_fwd = self.policy_pass(chunk, ctx, abar_t, abar_prev, std)
             forward_residual, reverse_residual, flow_next, g_terminal = self.reference_structure_residuals(
                 chunk, ctx, x, eps, mean, std, policy_fwd, prior
             )
