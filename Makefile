@@ -41,10 +41,19 @@ format: $(STAMP) ## ruff format and autofix
 digits-model: $(STAMP) ## re-train the embedded digits model and classifier (≈ 20 min on 2 cores)
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m gflowdiff.zoo.digits --out src/gflowdiff/zoo/weights
 
-benchmark: $(STAMP) ## seconds per trained transition and peak memory (embedded model and tiny SD pipeline)
+benchmark: $(STAMP) ## transitions/s (fused vs reference pass structure), rollout speed, memory; digits + tiny SD
 	OMP_NUM_THREADS=$(THREADS) HF_HUB_OFFLINE=1 $(BIN)/python scripts/benchmark.py
+
+COMPARE_CONFIGS := $(addprefix configs/digits/,residual_nabla_db.yaml refl.yaml draft.yaml ddpo.yaml nabla_db.yaml \
+	draft_lv.yaml db.yaml residual_db.yaml)
+compare: $(STAMP) ## every objective on the digits model × 3 seeds → runs/compare/results.md + PNGs (≈ 100 min on 2 cores)
+	HF_HUB_OFFLINE=1 $(BIN)/gflowdiff compare --configs $(COMPARE_CONFIGS) --seeds 0 1 2 --steps 100 \
+		--out runs/compare --jobs 2 --threads 1
+
+gpu-check: ## on a CUDA machine: SD-1.5-size benchmark (both pass structures) + bf16-mixed fit steps → gpu_check/
+	bash scripts/gpu_check.sh gpu_check
 
 clean: ## remove run outputs (keeps .venv)
 	rm -rf runs lightning_logs .pytest_cache
 
-.PHONY: help install demo test test-fast lint format digits-model benchmark clean
+.PHONY: help install demo test test-fast lint format digits-model benchmark compare gpu-check clean

@@ -72,6 +72,14 @@ def test_fit_checkpoints_only_trainable_state_and_resumes(tiny_sd_path, tmp_path
     assert resumed.trainer.global_step == 4
     assert resumed.model.rollouts_done == 4  # continued at the saved step, not from 0
 
+    # `gflowdiff validate` evaluates the checkpoint: reward, diversity, prior and target fidelity, all finite
+    validate_args = [a if a != "fit" else "validate" for a in tiny_fit_args(tiny_sd_path, tmp_path)]
+    validated = main([*validate_args, "--ckpt_path", str(last), "--data.eval_batch_size", "6"])
+    metrics = validated.trainer.callback_metrics
+    for key in ("reward_mean", "diversity", "pretrained_diversity", "prior_fid", "prior_kid", "target_tv"):
+        assert torch.isfinite(metrics[f"val/{key}"]), key
+    assert float(metrics["val/prior_fid"]) > 0  # the trained LoRA moved the samples away from the prior
+
 
 def test_print_config_output_runs_as_a_config(tiny_sd_path, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -12,9 +12,9 @@ from gflowdiff.objectives import NablaDB, ResidualNablaDB
 from gflowdiff.rewards import DigitClassifierReward
 from gflowdiff.sampling import SamplerConfig, sample_rollout
 
-SAMPLER = SamplerConfig(num_inference_steps=4, guidance_scale=3.0)
+SAMPLER = SamplerConfig(num_inference_steps=3, guidance_scale=3.0)
 FLOW_HEAD = FlowHeadConfig(block_out_channels=[8, 16], norm_num_groups=4)
-PROMPTS = ["a cat", "a dog", "a red cow"]
+PROMPTS = ["a cat", "a red cow"]
 
 
 def perturbed_module(tiny_sd_path, objective) -> GFlowDiffModule:
@@ -49,12 +49,10 @@ def loss_and_gradients(module, chunk, structure: str):
     [
         ResidualNablaDB(timestep_fraction=1.0, trust_region_scale=0.3),
         ResidualNablaDB(timestep_fraction=1.0, transition_weighting="variance", pretrained_strength=0.7),
-        ResidualNablaDB(timestep_fraction=1.0, reverse_loss_scale=0.0),
-        ResidualNablaDB(timestep_fraction=1.0, reward_guess_weighting="off"),
-        ResidualNablaDB(timestep_fraction=1.0, use_flow_head=False),
-        NablaDB(timestep_fraction=1.0, reward_guess_weighting="sqrt_alpha_bar"),
+        ResidualNablaDB(timestep_fraction=1.0, reverse_loss_scale=0.0, use_flow_head=False),
+        NablaDB(timestep_fraction=1.0, reward_guess_weighting="off"),
     ],
-    ids=["residual", "variance-rho", "forward-only", "no-guess", "no-flow-head", "nabla-db"],
+    ids=["residual", "variance-rho", "forward-only-no-flow-head", "nabla-db-no-guess"],
 )
 def test_fused_structure_equals_reference_structure(tiny_sd_path, objective):
     torch.manual_seed(0)

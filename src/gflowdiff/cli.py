@@ -1,4 +1,4 @@
-"""``gflowdiff``: the LightningCLI entry point (fit, validate, test, predict).
+"""``gflowdiff``: the LightningCLI entry point (fit, validate, test, predict) and ``gflowdiff compare``.
 
 Objectives and rewards are chosen by type: ``--model.objective ResidualNablaDB`` or, in YAML,
 ``model.objective: {class_path: ResidualNablaDB, init_args: {...}}``. Every public class in
@@ -57,7 +57,15 @@ def main(args: list[str] | None = None) -> GFlowDiffCLI:
 
 
 def console_main() -> None:
-    """The ``gflowdiff`` console script (returns nothing: a returned object would become the exit status)."""
+    """The ``gflowdiff`` console script (returns nothing: a returned object would become the exit status).
+    ``gflowdiff compare ...`` runs the ablation command (compare.py); everything else is LightningCLI's."""
+    import sys
+
+    if sys.argv[1:2] == ["compare"]:
+        from gflowdiff.compare import main as compare_main
+
+        compare_main(sys.argv[2:])
+        return
     main()
 
 
