@@ -140,3 +140,22 @@ def test_compare_rejects_missing_configs_and_bad_overrides(tmp_path):
         main(["--configs", str(tmp_path / "missing.yaml")])
     with pytest.raises(SystemExit):
         main(["--configs", __file__, "--set", "no-equals-sign"])
+
+
+def test_compare_composed_config_names_its_run_and_passes_both_configs(tmp_path):
+    from pathlib import Path
+
+    from gflowdiff.compare import RunSpec
+
+    base, override = Path("configs/digits/residual_nabla_db.yaml"), Path("configs/digits/overrides/beta2.yaml")
+    spec = RunSpec(Path(f"{base}+{override}"), 1, ("model.objective.init_args.pretrained_strength=0.5",), tmp_path, 7)
+    assert spec.name == "residual_nabla_db+beta2__pretrained_strength=0.5"
+    command = spec.fit_command()
+    assert command[command.index("fit") + 1 : command.index("fit") + 5] == [
+        "--config",
+        str(base),
+        "--config",
+        str(override),
+    ]
+    assert command[-2:] == ["--model.objective.init_args.pretrained_strength", "0.5"]
+    assert command[command.index("--trainer.max_steps") + 1] == "7" and "--seed_everything" in command

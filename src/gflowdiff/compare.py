@@ -2,10 +2,11 @@
 
     gflowdiff compare --configs configs/digits/*.yaml --seeds 0 1 2 --steps 100 --out runs/compare
 
-Each run is ``gflowdiff fit`` in its own process (``<out>/<config>/seed<S>/``). A run whose ``done.json`` exists is
-reused, an interrupted one resumes from its ``last.ckpt``, and an evaluation whose ``metrics.json`` exists is reused:
-re-running the command only computes what is missing. ``--set KEY=VALUE`` adds a variant of every config (e.g.
-``--set model.objective.init_args.reward_scale=2`` for a β sweep); the variant's name carries the override.
+A config may be a ``+``-joined composition ``A.yaml+B.yaml`` (``--config A.yaml --config B.yaml``), e.g. a base
+config plus a small override file. Each run is ``gflowdiff fit`` in its own process (``<out>/<config>/seed<S>/``).
+A run whose ``done.json`` exists is reused, an interrupted one resumes from its ``last.ckpt``, and an evaluation whose
+``metrics.json`` exists is reused: re-running the command only computes what is missing. ``--set KEY=VALUE`` adds a
+variant of every config (e.g. ``--set model.objective.init_args.reward_scale=2``); the variant's name carries it.
 Outputs: ``<out>/results.md`` (mean ± std over seeds), ``<out>/reward_vs_step.png``, ``<out>/reward_vs_diversity.png``.
 """
 
@@ -22,6 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def config_parts(config: Path) -> list[Path]:
+    return [Path(part) for part in str(config).split("+")]
+
+
 @dataclass(frozen=True)
 class RunSpec:
     config: Path
@@ -33,7 +38,7 @@ class RunSpec:
     @property
     def name(self) -> str:
         tags = [o.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + o.split("=", 1)[1] for o in self.overrides]
-        return "__".join([self.config.stem, *tags])
+        return "__".join(["+".join(part.stem for part in config_parts(self.config)), *tags])
 
     @property
     def directory(self) -> Path:
@@ -57,8 +62,7 @@ class RunSpec:
             "-m",
             "gflowdiff.cli",
             "fit",
-            "--config",
-            str(self.config),
+            *[arg for part in config_parts(self.config) for arg in ("--config", str(part))],
             "--seed_everything",
             str(self.seed),
             "--trainer.max_steps",
@@ -109,7 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--train-only", action="store_true", help="stop after training")
     args = parser.parse_args(argv)
-    for path in args.configs:
+    for path in [part for config in args.configs for part in config_parts(config)]:
         if not path.is_file():
             parser.error(f"--configs: {path} is not a file")
     for variant in args.variants:

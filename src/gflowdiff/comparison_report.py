@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gflowdiff.evaluation import EvaluationConfig, Evaluator, sample_pair
+from gflowdiff.evaluation import EvaluationConfig, EvaluationSamples, Evaluator, sample_pair
+from gflowdiff.types import Rollout
 
 if TYPE_CHECKING:
     from gflowdiff.compare import RunSpec
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 
 EVALUATION_SEED = 20_251_126  # the same noise for every run's evaluation (and for its pretrained reference)
 PRETRAINED_ROW = "pretrained (no fine-tuning)"
+# Every run with the same pretrained model and sampler gets the same pretrained samples: sampled once per process.
+_pretrained_samples: dict[tuple, Rollout] = {}
 
 
 def evaluation_prompts(module: GFlowDiffModule, config: dict, samples: int) -> list[str]:
@@ -45,12 +48,20 @@ def evaluate_module(
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         seed = EVALUATION_SEED + start
-        samples = sample_pair(module.policy, chunk, module.reward, module.sampler, seed, with_pretrained=True)
-        if pretrained_only:
+        key = (module.hparams.get("pretrained_model"), repr(module.sampler), tuple(chunk), seed)
+        if key not in _pretrained_samples:
+            with module.policy.reference():
+                generator = torch.Generator().manual_seed(seed)
+                _pretrained_samples[key] = sample_rollout(
+                    module.policy, chunk, module.reward, module.sampler, generator
+                )
+        if pretrained_only:  # the pretrained sampler again, from other noise
             with module.policy.reference():
                 generator = torch.Generator().manual_seed(seed + 7_777)
-                samples.tuned = sample_rollout(module.policy, chunk, module.reward, module.sampler, generator)
-        evaluator.update(samples)
+                tuned = sample_rollout(module.policy, chunk, module.reward, module.sampler, generator)
+        else:
+            tuned = sample_pair(module.policy, chunk, module.reward, module.sampler, seed, False).tuned
+        evaluator.update(EvaluationSamples(tuned, _pretrained_samples[key]))
     return evaluator.compute()
 
 
