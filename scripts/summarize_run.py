@@ -82,16 +82,16 @@ def main() -> None:
         histogram = " ".join(f"{p:.2f}" for p in class_histogram(classes))
         print(f"  {name:>10}: reward {rewards.mean():.3f} ± {rewards.std():.3f}   classes 0-9: {histogram}")
     # The tilted target p_pretrained(x)·exp(β·r(x)), estimated by importance-weighting the pretrained samples.
+    from gflowdiff.metrics import importance_weighted_histogram, total_variation
+    from gflowdiff.metrics.target_fidelity import importance_weights
+
     rewards, classes = results["pretrained"]
-    weights = torch.softmax(beta * rewards, dim=0)
-    target = torch.zeros(10).index_add_(0, classes, weights)
+    target = importance_weighted_histogram(classes, rewards, beta, num_classes=10)
+    target_reward = (importance_weights(rewards, beta) * rewards.double()).sum()
     tuned = torch.tensor(class_histogram(results["fine-tuned"][1]))
     histogram = " ".join(f"{p:.2f}" for p in target.tolist())
-    print(
-        f"  {'target':>10}: reward {(weights * rewards).sum():.3f}            classes 0-9: {histogram}  (β = {beta:g})"
-    )
-    total_variation = 0.5 * (tuned - target).abs().sum()
-    print(f"  total variation (fine-tuned vs target class histograms): {total_variation:.3f}")
+    print(f"  {'target':>10}: reward {target_reward:.3f}            classes 0-9: {histogram}  (β = {beta:g})")
+    print(f"  total variation (fine-tuned vs target class histograms): {total_variation(tuned, target):.3f}")
 
 
 if __name__ == "__main__":

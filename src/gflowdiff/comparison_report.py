@@ -99,7 +99,7 @@ def evaluate_run(spec: RunSpec, samples: int) -> dict[str, Any]:
         "objective": type(module.objective).__name__,
         "beta": float(getattr(module.objective, "reward_scale", 1.0)),
         "metrics": evaluate_module(module, prompts),
-        "seconds_per_step": statistics.median(step_seconds) if step_seconds else math.nan,
+        "train_seconds": sum(step_seconds) if step_seconds else math.nan,  # rollouts + updates, as logged
         "reward_curve": logged_scalars(spec.version, "reward/mean"),
     }
     cache.write_text(json.dumps(result))
@@ -159,14 +159,14 @@ def group_by_name(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any
 
 def markdown_table(results: list[dict[str, Any]], pretrained: dict[str, float] | None) -> str:
     groups = group_by_name(results)
-    header = ["run", "objective", "β", "seeds", *(h for _, h, _ in COLUMNS), "s / step"]
+    header = ["run", "objective", "β", "seeds", *(h for _, h, _ in COLUMNS), "train s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     if pretrained:
         cells = [mean_std([pretrained.get(key, math.nan)], fmt) for key, _, fmt in COLUMNS]
         lines.append("| " + " | ".join([PRETRAINED_ROW, "–", "–", "–", *cells, "–"]) + " |")
     for name, runs in groups.items():
         cells = [mean_std([r["metrics"].get(key, math.nan) for r in runs], fmt) for key, _, fmt in COLUMNS]
-        seconds = mean_std([r["seconds_per_step"] for r in runs], "{:.2f}")
+        seconds = mean_std([r["train_seconds"] for r in runs], "{:.0f}")
         row = [name, runs[0]["objective"], f"{runs[0]['beta']:g}", str(len(runs)), *cells, seconds]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -232,7 +232,8 @@ def write_report(results: list[dict[str, Any]], pretrained: dict[str, float] | N
         f"Made by: `{command}`\n\n"
         f"Mean ± std over seeds; each run evaluated on {samples} fresh samples, the pretrained reference from the same "
         f"noise. The pretrained row compares the pretrained sampler with itself under other noise (the floor of FID "
-        f"and KID at this sample count). s / step: median wall time of a training step (rollout + update).\n\n"
+        f"and KID at this sample count). train s: the run's logged wall time of its training steps (rollouts and "
+        f"updates).\n\n"
         f"{table}\n"
     )
     (out / "results.md").write_text(text)
