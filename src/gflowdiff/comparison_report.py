@@ -190,7 +190,8 @@ def plot_reward_curves(results: list[dict[str, Any]], path: Path) -> None:
         (line,) = axis.plot(steps, mean, label=name)
         axis.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
     axis.set_xlabel("optimizer step")
-    axis.set_ylabel("reward of the training rollouts (mean; band: min–max over seeds)")
+    axis.set_ylabel("training-rollout reward")
+    axis.set_title("mean over seeds; band: min–max", fontsize=9)
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
     figure.tight_layout()
@@ -208,6 +209,10 @@ def plot_frontier(results: list[dict[str, Any]], pretrained: dict[str, float] | 
     if pretrained:
         axis.scatter([pretrained["diversity"]], [pretrained["reward_mean"]], marker="*", s=160, c="k")
         axis.annotate("pretrained", (pretrained["diversity"], pretrained["reward_mean"]), fontsize=8)
+        if "target_reward" in pretrained and results:  # E[r] under p^#·exp(β r), β of the first run (evaluated with it)
+            axis.axhline(pretrained["target_reward"], color="k", linestyle=":", linewidth=1)
+            label = f"target's reward (β = {results[0]['beta']:g})"
+            axis.annotate(label, (0.0, pretrained["target_reward"]), fontsize=7, va="bottom")
     for name, runs in group_by_name(results).items():
         diversity = [r["metrics"]["diversity"] for r in runs]
         reward = [r["metrics"]["reward_mean"] for r in runs]
