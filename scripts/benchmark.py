@@ -137,7 +137,9 @@ def rollout_figures(module: GFlowDiffModule, batch_size: int, repeats: int) -> d
     return figures
 
 
-def transition_figures(module: GFlowDiffModule, batch_size: int, repeats: int) -> dict[str, dict[str, float]]:
+def transition_figures(
+    module: GFlowDiffModule, batch_size: int, repeats: int, structures: list[str]
+) -> dict[str, dict[str, float]]:
     """Loss + backward of ``batch_size`` non-terminal transitions, in each pass structure."""
     rollout = sample_rollout(
         module.policy, ["a photo of a cat"] * batch_size, module.reward, module.sampler, torch.Generator()
@@ -146,7 +148,7 @@ def transition_figures(module: GFlowDiffModule, batch_size: int, repeats: int) -
     chunk = rollout.transitions(torch.arange(batch_size), step)
     context = module.context(torch.Generator().manual_seed(0))
     figures = {}
-    for structure in ("reference", "fused"):
+    for structure in structures:
         module.objective.pass_structure = structure
 
         def train_step():
@@ -200,7 +202,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["digits", "tiny-sd"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[4, 16])
-    parser.add_argument("--rollout-batch", type=int, default=8, help="trajectories per timed rollout")
+    parser.add_argument("--rollout-batch", type=int, default=8, help="trajectories per timed rollout (0: skip)")
+    parser.add_argument("--structures", nargs="+", default=["reference", "fused"], choices=["reference", "fused"])
     parser.add_argument("--steps", type=int, default=0, help="sampler steps (default: 20, 50 for sd15)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lora-scale", type=float, default=0.01, help="std of the random LoRA B / flow head output")
@@ -229,20 +232,22 @@ def main() -> None:
             emit("|---|---|---|---|---|---|")
             for batch_size in args.batch_sizes:
                 try:
-                    f = transition_figures(module, batch_size, args.repeats)
+                    f = transition_figures(module, batch_size, args.repeats, args.structures)
                 except torch.OutOfMemoryError:
                     emit(f"| {batch_size} | out of memory | | | | |")
                     module.zero_grad(set_to_none=True)
                     torch.cuda.empty_cache()
                     continue
-                ref, fused = f["reference"], f["fused"]
+                missing = {"transitions_per_s": float("nan"), "ms": float("nan"), "peak_gib": float("nan")}
+                ref, fused = f.get("reference", missing), f.get("fused", missing)
                 emit(f"| {batch_size} | {ref['transitions_per_s']:.2f} | {fused['transitions_per_s']:.2f} | "
                      f"{fused['transitions_per_s'] / ref['transitions_per_s']:.2f}× | {ref['ms']:.0f} → "
                      f"{fused['ms']:.0f} | {ref['peak_gib']:.2f} → {fused['peak_gib']:.2f} |")  # fmt: skip
-            r = rollout_figures(module, args.rollout_batch, args.repeats)
-            emit(f"\nrollout, {args.rollout_batch} trajectories: {r['unmerged']:.2f} samples/s with the LoRA unmerged, "
-                 f"{r['merged']:.2f} merged ({r['merged'] / r['unmerged']:.2f}×); merged − unmerged final latents: "
-                 f"{100 * r['merge_deviation']:.2f} % of the LoRA's own effect (mean |Δ|)")  # fmt: skip
+            if args.rollout_batch:
+                r = rollout_figures(module, args.rollout_batch, args.repeats)
+                emit(f"\nrollout, {args.rollout_batch} trajectories: {r['unmerged']:.2f} samples/s with the LoRA "
+                     f"unmerged, {r['merged']:.2f} merged ({r['merged'] / r['unmerged']:.2f}×); merged − unmerged "
+                     f"final latents: {100 * r['merge_deviation']:.2f} % of the LoRA effect (mean |Δ|)")  # fmt: skip
             if args.components:
                 for batch_size in args.batch_sizes:
                     c = component_figures(module, batch_size, args.repeats)
