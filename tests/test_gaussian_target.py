@@ -48,7 +48,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
 from torch import Tensor, nn
 
 from gflowdiff.diffusion_math import alpha_bar, ddim_mean, ddim_std, previous_timesteps
@@ -56,6 +55,7 @@ from gflowdiff.objectives import ObjectiveContext, ResidualNablaDB
 from gflowdiff.objectives.gradient_db import guess_weight
 from gflowdiff.rewards.base import Reward
 from gflowdiff.sampling import SamplerConfig, sample_rollout
+from gflowdiff.zoo.tiny_sd import sd_scheduler
 
 DIM = 2
 MU0 = torch.tensor([1.0, -0.5])
@@ -93,14 +93,7 @@ class GaussianPolicy(nn.Module):
     def __init__(self, mu0: Tensor = MU0, sigma0: Tensor = SIGMA0, num_steps: int = SAMPLER.num_inference_steps):
         super().__init__()
         # Stable Diffusion's schedule: 1000 DDPM steps, scaled-linear β, ᾱ_prev of the last step = ᾱ_0.
-        self.scheduler = DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        )
+        self.scheduler = sd_scheduler()
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.float().clone())
         self.final_alpha_cumprod = float(self.scheduler.final_alpha_cumprod)

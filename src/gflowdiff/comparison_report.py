@@ -24,7 +24,16 @@ PRETRAINED_ROW = "pretrained (no fine-tuning)"
 _pretrained_samples: dict[tuple, Rollout] = {}
 
 
-def evaluation_prompts(module: GFlowDiffModule, config: dict, samples: int) -> list[str]:
+def load_run(spec: RunSpec) -> tuple[GFlowDiffModule, dict]:
+    """A finished run's module (from its last checkpoint) and its saved config."""
+    import yaml
+
+    from gflowdiff.checkpointing import load_trained_module
+
+    return load_trained_module(spec.last_checkpoint), yaml.safe_load((spec.version / "config.yaml").read_text())
+
+
+def evaluation_prompts(config: dict, samples: int) -> list[str]:
     """The run's held-out prompts (its data config), cycled to ``samples``."""
     from gflowdiff.prompts import load_prompts
 
@@ -83,14 +92,9 @@ def evaluate_run(spec: RunSpec, samples: int) -> dict[str, Any]:
         if cached.get("samples") == samples:
             print(f"[compare] reuse  metrics of {spec.name} seed {spec.seed}", flush=True)
             return cached
-    import yaml
-
-    from gflowdiff.checkpointing import load_trained_module
-
     print(f"[compare] eval   {spec.name} seed {spec.seed} ({samples} samples)", flush=True)
-    module = load_trained_module(spec.last_checkpoint)
-    config = yaml.safe_load((spec.version / "config.yaml").read_text())
-    prompts = evaluation_prompts(module, config, samples)
+    module, config = load_run(spec)
+    prompts = evaluation_prompts(config, samples)
     step_seconds = [v for _, v in logged_scalars(spec.version, "train/step_seconds")]
     result = {
         "name": spec.name,
@@ -113,14 +117,9 @@ def evaluate_pretrained(spec: RunSpec, samples: int) -> dict[str, float]:
         cached = json.loads(cache.read_text())
         if cached.get("samples") == samples:
             return cached["metrics"]
-    import yaml
-
-    from gflowdiff.checkpointing import load_trained_module
-
     print(f"[compare] eval   the pretrained model ({samples} samples)", flush=True)
-    module = load_trained_module(spec.last_checkpoint)
-    config = yaml.safe_load((spec.version / "config.yaml").read_text())
-    metrics = evaluate_module(module, evaluation_prompts(module, config, samples), pretrained_only=True)
+    module, config = load_run(spec)
+    metrics = evaluate_module(module, evaluation_prompts(config, samples), pretrained_only=True)
     cache.write_text(json.dumps({"samples": samples, "metrics": metrics}))
     return metrics
 

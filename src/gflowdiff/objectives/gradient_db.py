@@ -209,15 +209,6 @@ class GradientDBObjective(Objective):
             g_terminal = g[terminal]
         return flow, g_terminal
 
-    def flow_score_next(self, chunk: Transitions, ctx: ObjectiveContext, abar_prev: Tensor) -> tuple[Tensor, Tensor]:
-        """∇_{x'} log F(x') with its own reward-gradient pass (the reference's structure)."""
-        guess = torch.zeros_like(chunk.x_next)
-        if self.needs_guess_next(chunk):
-            with torch.enable_grad():
-                x_next, x0_hat = self.guess_point_next(chunk, ctx, abar_prev)
-                guess = self.reward_gradient(x_next, x0_hat, chunk.prompts, ctx)
-        return self.flow_from_guess_next(chunk, guess, ctx, abar_prev)
-
     def flow_score_current(
         self, chunk: Transitions, x: Tensor, eps: Tensor, abar_t: Tensor, ctx: ObjectiveContext
     ) -> Tensor:
@@ -238,17 +229,19 @@ class GradientDBObjective(Objective):
         eps: Tensor,
         mean: Tensor,
         std: Tensor,
+        abar_t: Tensor,
+        abar_prev: Tensor,
         policy_fwd: Tensor,
         prior: _Scores,
     ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         """The reference's passes (method.md §3.1 steps 6–12): the policy's reverse VJP, a reward-gradient pass at
         x' and another at x, each on its own."""
-        abar_t, abar_prev = ctx.policy.alpha_bar(chunk.t), ctx.policy.alpha_bar(chunk.t_prev)
         need_reverse = self.reverse_loss_scale > 0
         policy_rev = None
         if need_reverse:
             policy_rev = reverse_score(x, chunk.x_next, mean, std, create_graph=self.reverse_loss_trains_policy)
-        flow_next, g_terminal = self.flow_score_next(chunk, ctx, abar_prev)
+        guess_next = self.guess_next_gradient(chunk, ctx, abar_prev)  # while the x graph is alive, as the reference
+        flow_next, g_terminal = self.flow_from_guess_next(chunk, guess_next, ctx, abar_prev)
         flow_cur = self.flow_score_current(chunk, x, eps, abar_t, ctx) if need_reverse else None
         forward_residual, reverse_residual = nabla_db_residuals(
             policy_fwd, prior.forward, flow_next, policy_rev, prior.reverse, flow_cur
@@ -257,23 +250,27 @@ class GradientDBObjective(Objective):
 
     def guess_next_gradient(self, chunk: Transitions, ctx: ObjectiveContext, abar_prev: Tensor) -> Tensor:
         """∇_{x'} r at the guess point (x̂0_θ(x', t−Δ), or x_T on terminal rows); its UNet and VAE graphs are freed
-        on return, before the policy pass at x builds its own (one UNet graph alive at a time)."""
+        on return (the fused structure calls it before the policy pass at x: one UNet graph alive at a time)."""
         if not self.needs_guess_next(chunk):
             return torch.zeros_like(chunk.x_next)
         with torch.enable_grad():
             x_next, x0_hat = self.guess_point_next(chunk, ctx, abar_prev)
-            rewards = ctx.reward(ctx.policy.decode(x0_hat), chunk.prompts)
-            (gradient,) = torch.autograd.grad(rewards.sum(), x_next)
-        return gradient.detach()
+            return self.reward_gradient(x_next, x0_hat, chunk.prompts, ctx)
 
     def reverse_score_plus_guess(
-        self, chunk: Transitions, ctx: ObjectiveContext, x: Tensor, eps: Tensor, mean: Tensor, std: Tensor
+        self,
+        chunk: Transitions,
+        ctx: ObjectiveContext,
+        x: Tensor,
+        eps: Tensor,
+        mean: Tensor,
+        std: Tensor,
+        abar_t: Tensor,
     ) -> Tensor:
         """∇_x [log P_F(x'|x) + β·γ_t·r(D(x̂0_θ(x, t)))] = the policy's reverse score + the reward part of ∇_x log F,
         in one vector-Jacobian product through the policy pass at x (the reference takes two). Gradients are
         linear, and the reverse residual only ever uses this sum. The UNet graph is kept for the parameter backward.
         """
-        abar_t = ctx.policy.alpha_bar(chunk.t)
         with torch.enable_grad():
             # log P_F(x'|x) up to terms without x (x' is the stored constant)
             total = -((chunk.x_next - mean) ** 2 / (2 * per_sample(std, mean) ** 2)).sum()
@@ -314,12 +311,12 @@ class GradientDBObjective(Objective):
             if self.reverse_loss_scale > 0:
                 g_cur = ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds) if self.use_flow_head else 0.0
                 # policy_rev − prior_rev + flow_cur, with flow_cur = g_φ(x) + β·γ_t·∇_x r (method.md §2.3)
-                policy_rev_plus_guess = self.reverse_score_plus_guess(chunk, ctx, x, eps, mean, std)
+                policy_rev_plus_guess = self.reverse_score_plus_guess(chunk, ctx, x, eps, mean, std, abar_t)
                 reverse_residual = policy_rev_plus_guess - prior.reverse + g_cur
         else:
             x, eps, mean, policy_fwd = self.policy_pass(chunk, ctx, abar_t, abar_prev, std)
             forward_residual, reverse_residual, flow_next, g_terminal = self.reference_structure_residuals(
-                chunk, ctx, x, eps, mean, std, policy_fwd, prior
+                chunk, ctx, x, eps, mean, std, abar_t, abar_prev, policy_fwd, prior
             )
 
         weight = per_sample(transition_weight(std, self.transition_weighting), forward_residual)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from gflowdiff.zoo.tiny_sd import build_tiny_clip_tokenizer
+from gflowdiff.zoo.tiny_sd import build_tiny_clip_tokenizer, sd_scheduler, write_model_index
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -22,7 +22,7 @@ OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 def build_sd15_pipeline(directory: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """SD-1.5's UNet/VAE/text-encoder configs, random weights stored in ``dtype``. The tokenizer is a character-level
     CLIPTokenizer with SD's 77-token length (the vocabulary is irrelevant to speed)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -52,19 +52,8 @@ def build_sd15_pipeline(directory: Path, dtype: torch.dtype = torch.bfloat16) ->
         sample_size=512,
     )
     vae.to(dtype).save_pretrained(directory / "vae")
-    DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-        steps_offset=1,
-    ).save_pretrained(directory / "scheduler")  # fmt: skip
-    model_index = {
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-    }
-    (directory / "model_index.json").write_text(json.dumps(model_index))
+    sd_scheduler().save_pretrained(directory / "scheduler")
+    write_model_index(directory)
     return directory
 
 

@@ -32,9 +32,39 @@ def build_tiny_clip_tokenizer(directory: Path, model_max_length: int = 16):
     return tokenizer
 
 
+def sd_scheduler():
+    """SD-1.5's noise schedule as a diffusers DDIMScheduler: 1000 steps, scaled-linear β, "leading" offset 1."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def write_model_index(directory: Path) -> None:
+    """``model_index.json`` of a StableDiffusionPipeline folder (no safety checker, no feature extractor)."""
+    model_index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (directory / "model_index.json").write_text(json.dumps(model_index))
+
+
 def build_tiny_sd(directory: Path) -> Path:
     """UNet2DConditionModel + AutoencoderKL + CLIPTextModel + CLIPTokenizer + DDIMScheduler, SD-1.5 conventions."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -75,28 +105,9 @@ def build_tiny_sd(directory: Path) -> Path:
         norm_num_groups=4,
         sample_size=16,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
     text_encoder.save_pretrained(directory / "text_encoder")
     unet.save_pretrained(directory / "unet")
     vae.save_pretrained(directory / "vae")
-    scheduler.save_pretrained(directory / "scheduler")
-    model_index = {
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    (directory / "model_index.json").write_text(json.dumps(model_index))
+    sd_scheduler().save_pretrained(directory / "scheduler")
+    write_model_index(directory)
     return directory
