@@ -103,6 +103,33 @@ class SafeCheckpointIO(TorchCheckpointIO):
             ) from error
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The ``global_step`` a checkpoint file was written at, or None if it cannot be read (memory-mapped: cheap)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:
+        return None
+
+
+def newest_checkpoint(folders: list[Path]) -> Path | None:
+    """The readable ``*.ckpt`` in ``folders`` written at the highest step (ties: ``last*`` files, then the newest).
+
+    What ``--ckpt_path last`` resumes from. Lightning's own rule takes only ``last*.ckpt`` files, so a run killed
+    between writing ``step=N.ckpt`` and ``last.ckpt`` would resume from an older step, or from scratch when no
+    ``last.ckpt`` exists yet; unreadable files are skipped with a warning naming them.
+    """
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    candidates = []
+    for path in sorted({p for folder in folders if folder.is_dir() for p in folder.glob("*.ckpt") if p.is_file()}):
+        step = checkpoint_step(path)
+        if step is None:
+            rank_zero_warn(f"--ckpt_path last: skipping {str(path)!r}, which cannot be read (truncated or corrupt)")
+            continue
+        candidates.append(((step, path.name.startswith("last"), path.stat().st_mtime), path))
+    return max(candidates)[1] if candidates else None
+
+
 def load_trained_module(path: str | Path, map_location: str = "cpu") -> GFlowDiffModule:
     """Rebuild a GFlowDiffModule from a checkpoint: frozen parts from their sources, trainable state from the file.
 
