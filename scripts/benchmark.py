@@ -4,7 +4,8 @@ samples per second with the LoRA merged and unmerged, and peak memory.
 Models (nothing downloaded): ``digits`` (the embedded model), ``tiny-sd`` (a tiny random SD pipeline), ``sd15``
 (SD-1.5's architecture with random weights, bf16, 512×512, CFG 5, 50 steps, a CLIP-L aesthetic reward; for a GPU).
 Both pass structures compute the same loss (tests/test_pass_structure.py), so their ratio is the speed-up of
-gflowdiff's passes over the reference code's (method.md §3.1), measured in one run on one machine. Prints markdown
+gflowdiff's passes over the reference code's (method.md §3.1), measured in one run on one machine. ``pairs`` is the
+fused structure on B/2 pairs of adjacent transitions (``adjacent_pairs: true``), which share a state. Prints markdown
 tables; ``--components`` adds the time of a UNet and a VAE-decoder forward + input-gradient backward.
 
     python scripts/benchmark.py --models digits tiny-sd --batch-sizes 4 16
@@ -140,20 +141,26 @@ def rollout_figures(module: GFlowDiffModule, batch_size: int, repeats: int) -> d
 def transition_figures(
     module: GFlowDiffModule, batch_size: int, repeats: int, structures: list[str]
 ) -> dict[str, dict[str, float]]:
-    """Loss + backward of ``batch_size`` non-terminal transitions, in each pass structure."""
+    """Loss + backward of ``batch_size`` non-terminal transitions, in each pass structure: one mid-trajectory step
+    of B trajectories, or (``pairs``) two adjacent steps of B/2 trajectories."""
     rollout = sample_rollout(
         module.policy, ["a photo of a cat"] * batch_size, module.reward, module.sampler, torch.Generator()
     )
-    step = torch.full((batch_size,), rollout.num_steps // 2, dtype=torch.long)
-    chunk = rollout.transitions(torch.arange(batch_size), step)
+    middle = rollout.num_steps // 2
+    chunk = rollout.transitions(torch.arange(batch_size), torch.full((batch_size,), middle, dtype=torch.long))
+    half = batch_size // 2
+    pairs = rollout.transitions(torch.arange(half).repeat_interleave(2), torch.tensor([middle, middle + 1] * half))
     context = module.context(torch.Generator().manual_seed(0))
     figures = {}
     for structure in structures:
-        module.objective.pass_structure = structure
+        if structure == "pairs" and batch_size % 2:
+            continue
+        module.objective.pass_structure = "fused" if structure == "pairs" else structure
+        batch = pairs if structure == "pairs" else chunk
 
-        def train_step():
+        def train_step(batch=batch):
             with autocast():
-                loss = module.objective.loss(chunk, context).loss
+                loss = module.objective.loss(batch, context).loss
             loss.backward()
             module.zero_grad(set_to_none=True)
 
@@ -161,6 +168,8 @@ def transition_figures(
         seconds = timed(train_step, repeats)
         figures[structure] = {"transitions_per_s": batch_size / seconds, "ms": 1000 * seconds,
                               "peak_gib": peak_memory_gib()}  # fmt: skip
+        print(f"  B={batch_size} {structure}: {1000 * seconds:.0f} ms, {figures[structure]['peak_gib']:.2f} GiB",
+              flush=True)  # fmt: skip
     module.objective.pass_structure = "fused"
     return figures
 
@@ -203,7 +212,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["digits", "tiny-sd"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[4, 16])
     parser.add_argument("--rollout-batch", type=int, default=8, help="trajectories per timed rollout (0: skip)")
-    parser.add_argument("--structures", nargs="+", default=["reference", "fused"], choices=["reference", "fused"])
+    parser.add_argument("--structures", nargs="+", default=["reference", "fused", "pairs"],
+                        choices=["reference", "fused", "pairs"])  # fmt: skip
     parser.add_argument("--steps", type=int, default=0, help="sampler steps (default: 20, 50 for sd15)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lora-scale", type=float, default=0.01, help="std of the random LoRA B / flow head output")
@@ -227,22 +237,25 @@ def main() -> None:
             module = build_module(model, Path(workdir), args)
             s = module.sampler
             emit(f"\n**{model}** ({s.num_inference_steps} steps, CFG {s.guidance_scale:g})\n")
-            emit("| B | reference structure (transitions/s) | fused (transitions/s) | speed-up | ms / step "
-                 "reference → fused | peak GiB reference → fused |")  # fmt: skip
-            emit("|---|---|---|---|---|---|")
+            emit("| B | reference structure (transitions/s) | fused (transitions/s) | speed-up | fused, adjacent "
+                 "pairs (transitions/s) | speed-up | ms / step reference → fused → pairs | peak GiB reference → "
+                 "fused → pairs |")  # fmt: skip
+            emit("|---|---|---|---|---|---|---|---|")
             for batch_size in args.batch_sizes:
                 try:
                     f = transition_figures(module, batch_size, args.repeats, args.structures)
                 except torch.OutOfMemoryError:
-                    emit(f"| {batch_size} | out of memory | | | | |")
+                    emit(f"| {batch_size} | out of memory | | | | | | |")
                     module.zero_grad(set_to_none=True)
                     torch.cuda.empty_cache()
                     continue
                 missing = {"transitions_per_s": float("nan"), "ms": float("nan"), "peak_gib": float("nan")}
-                ref, fused = f.get("reference", missing), f.get("fused", missing)
-                emit(f"| {batch_size} | {ref['transitions_per_s']:.2f} | {fused['transitions_per_s']:.2f} | "
-                     f"{fused['transitions_per_s'] / ref['transitions_per_s']:.2f}× | {ref['ms']:.0f} → "
-                     f"{fused['ms']:.0f} | {ref['peak_gib']:.2f} → {fused['peak_gib']:.2f} |")  # fmt: skip
+                ref, fused, pairs = (f.get(name, missing) for name in ("reference", "fused", "pairs"))
+                rate = {name: v["transitions_per_s"] for name, v in (("ref", ref), ("fused", fused), ("pairs", pairs))}
+                emit(f"| {batch_size} | {rate['ref']:.2f} | {rate['fused']:.2f} | {rate['fused'] / rate['ref']:.2f}× | "
+                     f"{rate['pairs']:.2f} | {rate['pairs'] / rate['ref']:.2f}× | {ref['ms']:.0f} → {fused['ms']:.0f} "
+                     f"→ {pairs['ms']:.0f} | {ref['peak_gib']:.2f} → {fused['peak_gib']:.2f} → "
+                     f"{pairs['peak_gib']:.2f} |")  # fmt: skip
             if args.rollout_batch:
                 r = rollout_figures(module, args.rollout_batch, args.repeats)
                 emit(f"\nrollout, {args.rollout_batch} trajectories: {r['unmerged']:.2f} samples/s with the LoRA "

@@ -9,6 +9,7 @@ import torch
 from gflowdiff.flow_head import FlowHeadConfig
 from gflowdiff.module import GFlowDiffModule
 from gflowdiff.objectives import NablaDB, ResidualNablaDB
+from gflowdiff.objectives.gradient_db import shared_state_order
 from gflowdiff.rewards import DigitClassifierReward
 from gflowdiff.sampling import SamplerConfig, sample_rollout
 
@@ -51,8 +52,9 @@ def loss_and_gradients(module, chunk, structure: str):
         ResidualNablaDB(timestep_fraction=1.0, transition_weighting="variance", pretrained_strength=0.7),
         ResidualNablaDB(timestep_fraction=1.0, reverse_loss_scale=0.0, use_flow_head=False),
         NablaDB(timestep_fraction=1.0, reward_guess_weighting="off"),
+        ResidualNablaDB(adjacent_pairs=True, trust_region_scale=0.3),
     ],
-    ids=["residual", "variance-rho", "forward-only-no-flow-head", "nabla-db-no-guess"],
+    ids=["residual", "variance-rho", "forward-only-no-flow-head", "nabla-db-no-guess", "adjacent-pairs"],
 )
 def test_fused_structure_equals_reference_structure(tiny_sd_path, objective):
     torch.manual_seed(0)
@@ -60,6 +62,8 @@ def test_fused_structure_equals_reference_structure(tiny_sd_path, objective):
     rollout = sample_rollout(module.policy, PROMPTS, module.reward, SAMPLER, torch.Generator().manual_seed(3))
     chunk = objective.transitions(rollout, torch.Generator().manual_seed(4))
     assert chunk.is_terminal.any() and (~chunk.is_terminal).any()
+    # transitions meet at a state (steps 1 → 2 of one trajectory): sharing is exercised wherever the guess is on
+    assert len(shared_state_order(chunk.trajectory, chunk.step)[1]) > 0
 
     reference, reference_grads = loss_and_gradients(module, chunk, "reference")
     fused, fused_grads = loss_and_gradients(module, chunk, "fused")
@@ -72,6 +76,44 @@ def test_fused_structure_equals_reference_structure(tiny_sd_path, objective):
     for name, grad in reference_grads.items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=2e-5 * float(grad.abs().max()), msg=name)
+
+
+def test_shared_state_order_puts_shared_states_first():
+    # rows: (trajectory, step) = (0, 3), (0, 2), (1, 2), (0, 4), (1, 3), (1, 3)
+    trajectory = torch.tensor([0, 0, 1, 0, 1, 1])
+    step = torch.tensor([3, 2, 2, 4, 3, 3])
+    order, source = shared_state_order(trajectory, step)
+    # states that end another row's transition: (0, 3) ← (0, 2); (0, 4) ← (0, 3); (1, 3) twice ← (1, 2)
+    assert order.tolist() == [0, 3, 4, 5, 1, 2]
+    reordered = list(zip(trajectory[order].tolist(), step[order].tolist(), strict=True))
+    assert len(source) == 4
+    for k, i in enumerate(source.tolist()):  # row i's x' is row k's x
+        assert reordered[i] == (reordered[k][0], reordered[k][1] - 1)
+    assert shared_state_order(torch.tensor([0, 1]), torch.tensor([2, 3]))[1].numel() == 0  # other trajectories
+
+
+def test_adjacent_pairs_save_decoder_passes(tiny_sd_path):
+    """With adjacent pairs the fused structure decodes (and differentiates the reward at) one state per pair fewer
+    than the reference structure, which decodes at x and at x' of every transition."""
+    objective = ResidualNablaDB(adjacent_pairs=True)
+    module = perturbed_module(tiny_sd_path, objective)
+    rollout = sample_rollout(module.policy, PROMPTS, module.reward, SAMPLER, torch.Generator().manual_seed(3))
+    chunk = objective.transitions(rollout, torch.Generator().manual_seed(4))  # 2 trajectories × the pair (2, 1)
+    decoded_rows = []
+    decode = module.policy.decode
+
+    def counting_decode(latents):
+        decoded_rows.append(len(latents))
+        return decode(latents)
+
+    module.policy.decode = counting_decode
+    counts = {}
+    for structure in ["reference", "fused"]:
+        decoded_rows.clear()
+        loss_and_gradients(module, chunk, structure)
+        counts[structure] = sum(decoded_rows)
+    # reference: 4 transitions × (x and x') = 8 rows; fused: x' of all 4, x only of the 2 non-terminal rows = 6
+    assert counts == {"reference": 8, "fused": 6}
 
 
 def test_unknown_pass_structure_names_the_option():

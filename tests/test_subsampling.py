@@ -125,3 +125,31 @@ def test_flatten_steps_is_trajectory_major():
     assert step.tolist() == [49, 3, 12, 49, 7, 40]
     # round trip: steps[trajectory[i], i mod K] == step[i]
     assert torch.equal(steps[trajectory, torch.arange(6) % 3], step)
+
+
+@pytest.mark.parametrize("low_variance", [True, False])
+def test_adjacent_pairs_tile_the_steps_from_the_end(low_variance):
+    steps = subsample_steps(50, 2000, 0.1, low_variance, generator(), adjacent_pairs=True)
+    # K = 6 → P = 3 pairs; the terminal pair (49, 48) comes first
+    assert steps.shape == (2000, 6)
+    assert (steps[:, 0] == 49).all() and (steps[:, 1] == 48).all()
+    pairs = steps.view(2000, 3, 2)
+    assert (pairs[..., 0] - pairs[..., 1] == 1).all()  # each pair is (j + 1, j): x' of step j is x of step j + 1
+    assert (pairs[..., 0] % 2 == 1).all()  # aligned from the end, T − 1 − 2p, so pairs never overlap
+    assert all(len(set(row)) == 6 for row in steps.tolist())  # distinct steps within a trajectory
+    # every step is trained by some trajectory (pairs 1..24 are drawn; 2000·2 draws)
+    assert set(steps.flatten().tolist()) == set(range(50))
+
+
+def test_adjacent_pairs_low_variance_stratifies_the_pairs():
+    steps = subsample_steps(50, 1000, 0.1, True, generator(), adjacent_pairs=True)
+    # pairs 1..24 split into 2 chunks: 1..12 (steps 47..24) then 13..24 (steps 23..0), cleanest first
+    assert set(steps[:, 2].tolist()) == set(range(25, 48, 2)) and set(steps[:, 4].tolist()) == set(range(1, 24, 2))
+
+
+def test_adjacent_pairs_odd_and_tiny_step_counts():
+    # T = 5: pairs (4, 3) and (2, 1); step 0 belongs to none
+    steps = subsample_steps(5, 200, 1.0, True, generator(), adjacent_pairs=True)
+    assert steps.shape == (200, 4) and set(steps.flatten().tolist()) == {1, 2, 3, 4}
+    assert subsample_steps(1, 2, 0.5, True, generator(), adjacent_pairs=True).tolist() == [[0], [0]]
+    assert subsample_steps(2, 1, 0.1, False, generator(), adjacent_pairs=True).tolist() == [[1, 0]]

@@ -74,6 +74,19 @@ def transition_weight(std: Tensor, mode: TransitionWeighting) -> Tensor:
     return std**2 if mode == "variance" else torch.ones_like(std)
 
 
+def shared_state_order(trajectory: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
+    """Where two transitions of a batch meet at one state (x' of row i is x of row k: same trajectory, next step),
+    the reward guess at that state is needed twice (row i's x' guess, row k's x guess) and is computed once.
+    Returns (order, source): ``select(order)`` puts the S rows whose x ends another row's transition first, and in
+    that order ``source[k]`` (k < S, length S) is a row whose x' is row k's x."""
+    ends_at = (trajectory[:, None] == trajectory[None, :]) & (step[:, None] + 1 == step[None, :])  # [i, k]: x'_i = x_k
+    is_shared = ends_at.any(dim=0)
+    order = torch.cat([is_shared.nonzero(), (~is_shared).nonzero()]).squeeze(1)
+    ends_at = ends_at[order][:, order]
+    source = ends_at[:, : int(is_shared.sum())].int().argmax(dim=0)  # the first row ending at each shared state
+    return order, source
+
+
 def mean_square(x: Tensor) -> Tensor:
     """Mean over all elements, as the reference does (not a sum: the scale is independent of the image size)."""
     return x.pow(2).mean()
@@ -104,8 +117,13 @@ class GradientDBObjective(Objective):
         timestep_fraction: fraction of the T steps trained per trajectory (K = int(T·fraction) + 1 with the terminal).
         low_variance_subsampling: stratify the trained steps over contiguous chunks (method.md §2.10).
         pass_structure: how the loss is computed, not what: ``fused`` (default) takes the policy's reverse score and
-            the reward guess at x in one vector-Jacobian product, and frees the x' pass before the x pass (one UNet
-            graph alive at a time); ``reference`` re-creates the reference code's passes (method.md §3.1).
+            the reward guess at x in one vector-Jacobian product, frees the x' pass before the x pass (one UNet
+            graph alive at a time), and where a batch holds two transitions that meet at one state it runs the
+            VAE decoder and reward there once; ``reference`` re-creates the reference code's passes (method.md §3.1).
+        adjacent_pairs: train steps in adjacent pairs (j, j + 1), see
+            :func:`gflowdiff.subsampling.subsample_adjacent_pairs`, so that the fused structure saves one
+            VAE-decoder + reward forward/backward per pair. Each transition's loss is unchanged; which transitions
+            are trained together changes.
     """
 
     requires_reward_gradient = True
@@ -122,6 +140,7 @@ class GradientDBObjective(Objective):
         timestep_fraction: float = 0.1,
         low_variance_subsampling: bool = True,
         pass_structure: PassStructure = "fused",
+        adjacent_pairs: bool = False,
     ):
         super().__init__()
         if pass_structure not in ("fused", "reference"):
@@ -144,13 +163,16 @@ class GradientDBObjective(Objective):
         self.timestep_fraction = timestep_fraction
         self.low_variance_subsampling = low_variance_subsampling
         self.pass_structure = pass_structure
+        self.adjacent_pairs = adjacent_pairs
 
     @property
     def uses_flow_head(self) -> bool:
         return self.use_flow_head
 
     def transitions(self, rollout: Rollout, generator: torch.Generator) -> Transitions:
-        return rollout.subsampled_transitions(self.timestep_fraction, self.low_variance_subsampling, generator)
+        return rollout.subsampled_transitions(
+            self.timestep_fraction, self.low_variance_subsampling, generator, self.adjacent_pairs
+        )
 
     @abstractmethod
     def prior_scores(
@@ -251,11 +273,21 @@ class GradientDBObjective(Objective):
     def guess_next_gradient(self, chunk: Transitions, ctx: ObjectiveContext, abar_prev: Tensor) -> Tensor:
         """∇_{x'} r at the guess point (x̂0_θ(x', t−Δ), or x_T on terminal rows); its UNet and VAE graphs are freed
         on return (the fused structure calls it before the policy pass at x: one UNet graph alive at a time)."""
+        return self.guess_next_gradient_and_pullback(chunk, ctx, abar_prev)[0]
+
+    def guess_next_gradient_and_pullback(
+        self, chunk: Transitions, ctx: ObjectiveContext, abar_prev: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """(∇_{x'} r, ∇_{x̂0} r) at the guess point: the VAE-decoder + reward backward gives the second, a VJP through
+        the x' pass maps it to the first (the chain rule in two steps, so the pullback can be reused at x)."""
         if not self.needs_guess_next(chunk):
-            return torch.zeros_like(chunk.x_next)
+            zeros = torch.zeros_like(chunk.x_next)
+            return zeros, zeros
         with torch.enable_grad():
             x_next, x0_hat = self.guess_point_next(chunk, ctx, abar_prev)
-            return self.reward_gradient(x_next, x0_hat, chunk.prompts, ctx)
+            pullback = self.reward_pullback(x0_hat, chunk.prompts, ctx)
+            (gradient,) = torch.autograd.grad((x0_hat * pullback).sum(), x_next)
+        return gradient.detach(), pullback
 
     def reverse_score_plus_guess(
         self,
@@ -266,19 +298,35 @@ class GradientDBObjective(Objective):
         mean: Tensor,
         std: Tensor,
         abar_t: Tensor,
+        pullback: Tensor | None = None,
     ) -> Tensor:
         """∇_x [log P_F(x'|x) + β·γ_t·r(D(x̂0_θ(x, t)))] = the policy's reverse score + the reward part of ∇_x log F,
         in one vector-Jacobian product through the policy pass at x (the reference takes two). Gradients are
         linear, and the reverse residual only ever uses this sum. The UNet graph is kept for the parameter backward.
+        ``pullback``: ∇_{x̂0} r already computed for the first rows by the x' pass of transitions ending there; their
+        reward term is then x̂0·pullback, whose x-gradient is the same chain rule without a second VAE/reward pass.
         """
         with torch.enable_grad():
             # log P_F(x'|x) up to terms without x (x' is the stored constant)
             total = -((chunk.x_next - mean) ** 2 / (2 * per_sample(std, mean) ** 2)).sum()
             if self.reward_guess_weighting != "off" and self.reward_scale > 0:
-                rewards = ctx.reward(ctx.policy.decode(predicted_x0(x, eps, abar_t)), chunk.prompts)
-                gamma = guess_weight(abar_t, self.reward_guess_weighting)
-                total = total + (self.reward_scale * gamma * rewards).sum()
+                x0_hat = predicted_x0(x, eps, abar_t)
+                weight = self.reward_scale * guess_weight(abar_t, self.reward_guess_weighting)
+                n = 0 if pullback is None else len(pullback)
+                if n:
+                    total = total + (weight[:n] * (x0_hat[:n] * pullback).flatten(1).sum(1)).sum()
+                if n < len(x):
+                    rewards = ctx.reward(ctx.policy.decode(x0_hat[n:]), chunk.prompts[n:])
+                    total = total + (weight[n:] * rewards).sum()
             (gradient,) = torch.autograd.grad(total, x, retain_graph=True)
+        return gradient.detach()
+
+    def reward_pullback(self, x0_hat: Tensor, prompts: list[str], ctx: ObjectiveContext) -> Tensor:
+        """∇_{x̂0} r(D(x̂0)): the VAE-decoder and reward backward alone (x̂0 is detached: no UNet backward)."""
+        with torch.enable_grad():
+            point = x0_hat.detach().requires_grad_(True)
+            rewards = ctx.reward(ctx.policy.decode(point), prompts)
+            (gradient,) = torch.autograd.grad(rewards.sum(), point)
         return gradient.detach()
 
     def policy_pass(
@@ -295,15 +343,21 @@ class GradientDBObjective(Objective):
 
     # ---- loss ---------------------------------------------------------------------------------------------------
     def loss(self, chunk: Transitions, ctx: ObjectiveContext) -> ObjectiveOutput:
+        fused = self.pass_structure == "fused" and not self.reverse_loss_trains_policy
+        source = None
+        if fused and self.reverse_loss_scale > 0 and self.reward_guess_weighting != "off" and self.reward_scale > 0:
+            # The loss is a mean over rows: reordering them changes nothing but puts the shared states first.
+            order, source = shared_state_order(chunk.trajectory, chunk.step)
+            chunk = chunk.select(order)
         policy, sampler = ctx.policy, ctx.sampler
         abar_t, abar_prev = policy.alpha_bar(chunk.t), policy.alpha_bar(chunk.t_prev)
         std = ddim_std(abar_t, abar_prev, sampler.eta)
 
         prior = self.prior_scores(chunk, ctx, std, abar_t, abar_prev)
 
-        if self.pass_structure == "fused" and not self.reverse_loss_trains_policy:
+        if fused:
             # The x' pass runs first and is freed, so only one UNet graph and one VAE graph are alive at a time.
-            guess_next = self.guess_next_gradient(chunk, ctx, abar_prev)
+            guess_next, pullback_next = self.guess_next_gradient_and_pullback(chunk, ctx, abar_prev)
             x, eps, mean, policy_fwd = self.policy_pass(chunk, ctx, abar_t, abar_prev, std)
             flow_next, g_terminal = self.flow_from_guess_next(chunk, guess_next, ctx, abar_prev)
             forward_residual = policy_fwd - prior.forward - flow_next
@@ -311,7 +365,9 @@ class GradientDBObjective(Objective):
             if self.reverse_loss_scale > 0:
                 g_cur = ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds) if self.use_flow_head else 0.0
                 # policy_rev − prior_rev + flow_cur, with flow_cur = g_φ(x) + β·γ_t·∇_x r (method.md §2.3)
-                policy_rev_plus_guess = self.reverse_score_plus_guess(chunk, ctx, x, eps, mean, std, abar_t)
+                # x of the first rows is x' of rows source: their VAE-decoder + reward backward is already done
+                pullback = None if source is None or not len(source) else pullback_next[source]
+                policy_rev_plus_guess = self.reverse_score_plus_guess(chunk, ctx, x, eps, mean, std, abar_t, pullback)
                 reverse_residual = policy_rev_plus_guess - prior.reverse + g_cur
         else:
             x, eps, mean, policy_fwd = self.policy_pass(chunk, ctx, abar_t, abar_prev, std)

@@ -27,6 +27,7 @@ class NablaDB(GradientDBObjective):
         timestep_fraction: fraction of the T steps trained per trajectory.
         low_variance_subsampling: stratify the trained steps over contiguous chunks.
         pass_structure: ``fused`` (default, faster) or ``reference`` (the reference code's passes); same loss.
+        adjacent_pairs: train steps in adjacent pairs, which the fused structure computes with fewer passes.
     """
 
     def prior_scores(

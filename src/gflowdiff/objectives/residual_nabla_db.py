@@ -34,6 +34,7 @@ class ResidualNablaDB(GradientDBObjective):
         timestep_fraction: fraction of the T steps trained per trajectory.
         low_variance_subsampling: stratify the trained steps over contiguous chunks.
         pass_structure: ``fused`` (default, faster) or ``reference`` (the reference code's passes); same loss.
+        adjacent_pairs: train steps in adjacent pairs, which the fused structure computes with fewer passes.
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class ResidualNablaDB(GradientDBObjective):
         timestep_fraction: float = 0.1,
         low_variance_subsampling: bool = True,
         pass_structure: PassStructure = "fused",
+        adjacent_pairs: bool = False,
     ):
         super().__init__(
             reward_scale=reward_scale,
@@ -61,6 +63,7 @@ class ResidualNablaDB(GradientDBObjective):
             timestep_fraction=timestep_fraction,
             low_variance_subsampling=low_variance_subsampling,
             pass_structure=pass_structure,
+            adjacent_pairs=adjacent_pairs,
         )
         if pretrained_strength < 0:
             raise ValueError("--model.objective.pretrained_strength must be >= 0")
