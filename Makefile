@@ -45,8 +45,9 @@ benchmark: $(STAMP) ## transitions/s (fused vs reference pass structure), rollou
 	OMP_NUM_THREADS=$(THREADS) HF_HUB_OFFLINE=1 $(BIN)/python scripts/benchmark.py
 
 COMPARE_CONFIGS := $(addprefix configs/digits/,residual_nabla_db.yaml refl.yaml draft.yaml ddpo.yaml nabla_db.yaml \
-	draft_lv.yaml db.yaml residual_db.yaml residual_nabla_db.yaml+configs/digits/overrides/beta2.yaml)
-compare: $(STAMP) ## every objective on the digits model (+ residual ∇-DB at β=2) × 3 seeds → runs/compare/ (≈ 2 h, 2 cores)
+	draft_lv.yaml db.yaml residual_db.yaml residual_nabla_db.yaml+configs/digits/overrides/beta2.yaml \
+	residual_nabla_db.yaml+configs/overrides/adjacent_pairs.yaml)
+compare: $(STAMP) ## every objective on the digits model (+ residual ∇-DB at β=2 and in adjacent pairs) × 3 seeds → runs/compare/ (≈ 2 h, 2 cores)
 	HF_HUB_OFFLINE=1 $(BIN)/gflowdiff compare --configs $(COMPARE_CONFIGS) --seeds 0 1 2 --steps 100 \
 		--out runs/compare --jobs 2 --threads 1
 
