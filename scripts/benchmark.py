@@ -174,6 +174,25 @@ def transition_figures(
     return figures
 
 
+def table_row(batch_size: int, figures: dict[str, dict[str, float]]) -> str:
+    """One markdown row; a structure that was not run (or B odd, for pairs) shows as –."""
+
+    def show(structure: str, key: str, digits: int) -> str:
+        return f"{figures[structure][key]:.{digits}f}" if structure in figures else "–"
+
+    def speedup(structure: str) -> str:
+        if structure not in figures or "reference" not in figures:
+            return "–"
+        return f"{figures[structure]['transitions_per_s'] / figures['reference']['transitions_per_s']:.2f}×"
+
+    names = ("reference", "fused", "pairs")
+    return (
+        f"| {batch_size} | {show('reference', 'transitions_per_s', 2)} | {show('fused', 'transitions_per_s', 2)} | "
+        f"{speedup('fused')} | {show('pairs', 'transitions_per_s', 2)} | {speedup('pairs')} | "
+        f"{' → '.join(show(n, 'ms', 0) for n in names)} | {' → '.join(show(n, 'peak_gib', 2) for n in names)} |"
+    )
+
+
 COMPONENT_NAMES = {"unet": "UNet (CFG, 2B)", "decoder": "VAE decoder", "reward": "reward"}
 
 
@@ -249,13 +268,7 @@ def main() -> None:
                     module.zero_grad(set_to_none=True)
                     torch.cuda.empty_cache()
                     continue
-                missing = {"transitions_per_s": float("nan"), "ms": float("nan"), "peak_gib": float("nan")}
-                ref, fused, pairs = (f.get(name, missing) for name in ("reference", "fused", "pairs"))
-                rate = {name: v["transitions_per_s"] for name, v in (("ref", ref), ("fused", fused), ("pairs", pairs))}
-                emit(f"| {batch_size} | {rate['ref']:.2f} | {rate['fused']:.2f} | {rate['fused'] / rate['ref']:.2f}× | "
-                     f"{rate['pairs']:.2f} | {rate['pairs'] / rate['ref']:.2f}× | {ref['ms']:.0f} → {fused['ms']:.0f} "
-                     f"→ {pairs['ms']:.0f} | {ref['peak_gib']:.2f} → {fused['peak_gib']:.2f} → "
-                     f"{pairs['peak_gib']:.2f} |")  # fmt: skip
+                emit(table_row(batch_size, f))
             if args.rollout_batch:
                 r = rollout_figures(module, args.rollout_batch, args.repeats)
                 emit(f"\nrollout, {args.rollout_batch} trajectories: {r['unmerged']:.2f} samples/s with the LoRA "

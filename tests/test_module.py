@@ -95,7 +95,7 @@ def test_print_config_output_runs_as_a_config(tiny_sd_path, tmp_path, monkeypatc
 @pytest.mark.parametrize("config", sorted(p.relative_to(REPO) for p in (REPO / "configs").rglob("*.yaml")), ids=str)
 def test_every_config_parses(config, capsys):
     # Partial configs compose after an objective config: trainer overrides (configs/sd15/trainer/) and objective
-    # overrides (configs/digits/overrides/).
+    # overrides (configs/digits/overrides/, configs/overrides/).
     bases = {"trainer": "sd15/residual_nabla_db.yaml", "overrides": "digits/residual_nabla_db.yaml"}
     base = ["--config", str(REPO / "configs" / bases[config.parent.name])] if config.parent.name in bases else []
     with pytest.raises(SystemExit) as exit_info:
@@ -105,6 +105,8 @@ def test_every_config_parses(config, capsys):
     assert "class_path" in printed
     if config.name == "beta2.yaml":
         assert "reward_scale: 2.0" in printed
+    if config.name == "adjacent_pairs.yaml":
+        assert "adjacent_pairs: true" in printed
 
 
 def test_bad_input_errors_name_the_option(tmp_path, capsys):
