@@ -65,7 +65,8 @@ class GFlowDiffCLI(LightningCLI):
 
 def checkpoint_folder(trainer: Trainer, callback: ModelCheckpoint) -> Path:
     """Where ``callback`` writes: its ``dirpath``, else Lightning's default (the first logger's run folder, else
-    ``default_root_dir``, plus ``checkpoints``)."""
+    ``default_root_dir``, plus ``checkpoints``); the same rule as ModelCheckpoint's own resolver, which is private
+    and needs a set-up trainer."""
     if callback.dirpath:
         return Path(callback.dirpath)
     if trainer.loggers:

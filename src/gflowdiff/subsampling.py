@@ -50,23 +50,22 @@ def subsample_adjacent_pairs(
 
     The pairs tile the steps from the end, (T−2, T−1), (T−4, T−3), ...: the terminal pair always comes first
     (columns 0 and 1 are T − 1 and T − 2), every step belongs to one pair (step 0 to none when T is odd), and
-    P = ⌈K/2⌉ for the K of :func:`num_trained_steps`. The other P − 1 pairs are drawn as steps are (stratified over
-    contiguous chunks of pairs with ``low_variance``, else distinct and uniform), so each step keeps the same chance
-    of being trained as with single steps.
+    P = ⌈K/2⌉ for the K of :func:`num_trained_steps`. The other P − 1 pairs are drawn from pairs 1 … T//2 − 1 as
+    steps are (stratified over contiguous chunks of pairs with ``low_variance``, else distinct and uniform), so all
+    of them have the same chance of being trained; step T − 2 is always trained, with the terminal step.
     """
     num_pairs = num_steps // 2
     if num_pairs == 0:  # one sampler step: only the terminal transition exists
         return torch.full((batch_size, 1), num_steps - 1, dtype=torch.long)
     n = min(-(-num_trained_steps(num_steps, fraction) // 2), num_pairs) - 1  # pairs besides the terminal one
-    if n == 0:
-        pairs = torch.zeros(batch_size, 1, dtype=torch.long)
-    elif low_variance:
-        chunks = torch.arange(1, num_pairs).tensor_split(n)  # pair p holds steps T−2−2p and T−1−2p; 0 is terminal
+    pairs = torch.zeros(batch_size, 1, dtype=torch.long)  # pair p holds steps T−2−2p and T−1−2p; 0 is terminal
+    if n and low_variance:
+        chunks = torch.arange(1, num_pairs).tensor_split(n)
         picks = [chunk[torch.randint(len(chunk), (batch_size,), generator=generator)] for chunk in chunks]
-        pairs = torch.cat([torch.zeros(batch_size, 1, dtype=torch.long), torch.stack(picks, dim=1)], dim=1)
-    else:
+        pairs = torch.cat([pairs, torch.stack(picks, dim=1)], dim=1)
+    elif n:
         others = 1 + torch.rand(batch_size, num_pairs - 1, generator=generator).argsort(dim=1)[:, :n]
-        pairs = torch.cat([torch.zeros(batch_size, 1, dtype=torch.long), others], dim=1)
+        pairs = torch.cat([pairs, others], dim=1)
     later = num_steps - 1 - 2 * pairs  # (B, P): the later step of each pair
     return torch.stack([later, later - 1], dim=2).reshape(batch_size, -1)
 

@@ -169,6 +169,11 @@ class GradientDBObjective(Objective):
     def uses_flow_head(self) -> bool:
         return self.use_flow_head
 
+    @property
+    def guesses_reward_at_x(self) -> bool:
+        """Whether ∇_x log F(x) has the term β·γ_t·∇_x r(D(x̂0_θ(x, t))) (§2.4)."""
+        return self.reward_guess_weighting != "off" and self.reward_scale > 0
+
     def transitions(self, rollout: Rollout, generator: torch.Generator) -> Transitions:
         return rollout.subsampled_transitions(
             self.timestep_fraction, self.low_variance_subsampling, generator, self.adjacent_pairs
@@ -236,7 +241,7 @@ class GradientDBObjective(Objective):
     ) -> Tensor:
         """∇_x log F(x) = g_φ(x, t) + β·γ_t·∇_x r(D(x̂0_θ(x, t))), reusing the policy pass ε̂_θ(x, t)."""
         flow = torch.zeros_like(x)
-        if self.reward_guess_weighting != "off" and self.reward_scale > 0:
+        if self.guesses_reward_at_x:
             gamma = per_sample(guess_weight(abar_t, self.reward_guess_weighting), x)
             flow = self.reward_scale * gamma * self.reward_gradient(x, predicted_x0(x, eps, abar_t), chunk.prompts, ctx)
         if self.use_flow_head:
@@ -262,7 +267,7 @@ class GradientDBObjective(Objective):
         policy_rev = None
         if need_reverse:
             policy_rev = reverse_score(x, chunk.x_next, mean, std, create_graph=self.reverse_loss_trains_policy)
-        guess_next = self.guess_next_gradient(chunk, ctx, abar_prev)  # while the x graph is alive, as the reference
+        guess_next, _ = self.guess_next_gradient(chunk, ctx, abar_prev)  # while the x graph is alive, as the reference
         flow_next, g_terminal = self.flow_from_guess_next(chunk, guess_next, ctx, abar_prev)
         flow_cur = self.flow_score_current(chunk, x, eps, abar_t, ctx) if need_reverse else None
         forward_residual, reverse_residual = nabla_db_residuals(
@@ -270,16 +275,13 @@ class GradientDBObjective(Objective):
         )
         return forward_residual, reverse_residual, flow_next, g_terminal
 
-    def guess_next_gradient(self, chunk: Transitions, ctx: ObjectiveContext, abar_prev: Tensor) -> Tensor:
-        """∇_{x'} r at the guess point (x̂0_θ(x', t−Δ), or x_T on terminal rows); its UNet and VAE graphs are freed
-        on return (the fused structure calls it before the policy pass at x: one UNet graph alive at a time)."""
-        return self.guess_next_gradient_and_pullback(chunk, ctx, abar_prev)[0]
-
-    def guess_next_gradient_and_pullback(
+    def guess_next_gradient(
         self, chunk: Transitions, ctx: ObjectiveContext, abar_prev: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """(∇_{x'} r, ∇_{x̂0} r) at the guess point: the VAE-decoder + reward backward gives the second, a VJP through
-        the x' pass maps it to the first (the chain rule in two steps, so the pullback can be reused at x)."""
+        """(∇_{x'} r, ∇_{x̂0} r) at the guess point (x̂0_θ(x', t−Δ), or x_T on terminal rows). The VAE-decoder +
+        reward backward gives the second, a VJP through the x' pass maps it to the first: the chain rule in two
+        steps, so the second can be reused at x. The graphs are freed on return (the fused structure calls this
+        before the policy pass at x: one UNet graph alive at a time)."""
         if not self.needs_guess_next(chunk):
             zeros = torch.zeros_like(chunk.x_next)
             return zeros, zeros
@@ -309,7 +311,7 @@ class GradientDBObjective(Objective):
         with torch.enable_grad():
             # log P_F(x'|x) up to terms without x (x' is the stored constant)
             total = -((chunk.x_next - mean) ** 2 / (2 * per_sample(std, mean) ** 2)).sum()
-            if self.reward_guess_weighting != "off" and self.reward_scale > 0:
+            if self.guesses_reward_at_x:
                 x0_hat = predicted_x0(x, eps, abar_t)
                 weight = self.reward_scale * guess_weight(abar_t, self.reward_guess_weighting)
                 n = 0 if pullback is None else len(pullback)
@@ -345,10 +347,11 @@ class GradientDBObjective(Objective):
     def loss(self, chunk: Transitions, ctx: ObjectiveContext) -> ObjectiveOutput:
         fused = self.pass_structure == "fused" and not self.reverse_loss_trains_policy
         source = None
-        if fused and self.reverse_loss_scale > 0 and self.reward_guess_weighting != "off" and self.reward_scale > 0:
-            # The loss is a mean over rows: reordering them changes nothing but puts the shared states first.
+        if fused and self.reverse_loss_scale > 0 and self.guesses_reward_at_x:
             order, source = shared_state_order(chunk.trajectory, chunk.step)
-            chunk = chunk.select(order)
+            if len(source):
+                # The loss is a mean over rows: reordering them changes nothing but puts the shared states first.
+                chunk = chunk.select(order)
         policy, sampler = ctx.policy, ctx.sampler
         abar_t, abar_prev = policy.alpha_bar(chunk.t), policy.alpha_bar(chunk.t_prev)
         std = ddim_std(abar_t, abar_prev, sampler.eta)
@@ -357,7 +360,7 @@ class GradientDBObjective(Objective):
 
         if fused:
             # The x' pass runs first and is freed, so only one UNet graph and one VAE graph are alive at a time.
-            guess_next, pullback_next = self.guess_next_gradient_and_pullback(chunk, ctx, abar_prev)
+            guess_next, pullback_next = self.guess_next_gradient(chunk, ctx, abar_prev)
             x, eps, mean, policy_fwd = self.policy_pass(chunk, ctx, abar_t, abar_prev, std)
             flow_next, g_terminal = self.flow_from_guess_next(chunk, guess_next, ctx, abar_prev)
             forward_residual = policy_fwd - prior.forward - flow_next
@@ -366,7 +369,7 @@ class GradientDBObjective(Objective):
                 g_cur = ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds) if self.use_flow_head else 0.0
                 # policy_rev − prior_rev + flow_cur, with flow_cur = g_φ(x) + β·γ_t·∇_x r (method.md §2.3)
                 # x of the first rows is x' of rows source: their VAE-decoder + reward backward is already done
-                pullback = None if source is None or not len(source) else pullback_next[source]
+                pullback = pullback_next[source] if source is not None and len(source) else None
                 policy_rev_plus_guess = self.reverse_score_plus_guess(chunk, ctx, x, eps, mean, std, abar_t, pullback)
                 reverse_residual = policy_rev_plus_guess - prior.reverse + g_cur
         else:
