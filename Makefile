@@ -54,7 +54,10 @@ compare: $(STAMP) ## every objective on the digits model (+ residual ∇-DB at �
 gpu-check: ## on a CUDA machine: SD-1.5-size benchmark (both pass structures) + bf16-mixed fit steps → gpu_check/
 	bash scripts/gpu_check.sh gpu_check
 
+gpu-speed: ## on a CUDA machine, within one 10-min call: eager reference vs pairs vs compiled pairs at B = 4 → gpu_speed/
+	bash scripts/gpu_speed_check.sh gpu_speed
+
 clean: ## remove run outputs (keeps .venv)
 	rm -rf runs lightning_logs .pytest_cache
 
-.PHONY: help install demo test test-fast lint format digits-model benchmark compare gpu-check clean
+.PHONY: help install demo test test-fast lint format digits-model benchmark compare gpu-check gpu-speed clean

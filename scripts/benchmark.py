@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from gflowdiff.compilation import compile_networks
 from gflowdiff.flow_head import FlowHeadConfig
 from gflowdiff.module import GFlowDiffModule
 from gflowdiff.objectives import ResidualNablaDB
@@ -107,9 +108,10 @@ def build_module(model: str, workdir: Path, args: argparse.Namespace) -> GFlowDi
     return module
 
 
-def timed(function, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
-    function()
+def timed(function, repeats: int, warm_up: bool = True) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call (``warm_up=False``: the caller made it)."""
+    if warm_up:
+        function()
     times = []
     for _ in range(repeats):
         synchronize()
@@ -120,7 +122,8 @@ def timed(function, repeats: int) -> float:
     return statistics.median(times)
 
 
-def rollout_figures(module: GFlowDiffModule, batch_size: int, repeats: int) -> dict[str, float]:
+def rollout_figures(module: GFlowDiffModule, batch_size: int, repeats: int, merged: bool = True) -> dict[str, float]:
+    """Samples per second with the LoRA unmerged and (``merged``) merged, and how far merging moves the samples."""
     prompts = ["a photo of a cat"] * batch_size
 
     def sample(merge: bool, pretrained: bool = False):
@@ -129,20 +132,20 @@ def rollout_figures(module: GFlowDiffModule, batch_size: int, repeats: int) -> d
             return sample_rollout(module.policy, prompts, None, sampler, torch.Generator().manual_seed(0))
 
     figures = {}
-    for merge in (False, True):
+    for merge in (False, True) if merged else (False,):
         seconds = timed(lambda merge=merge: sample(merge), repeats)
         figures["merged" if merge else "unmerged"] = batch_size / seconds
+    if not merged:
+        return figures
     unmerged, merged, pretrained = sample(False).latents[:, -1], sample(True).latents[:, -1], sample(False, True)
     lora_effect = (unmerged - pretrained.latents[:, -1]).float().abs().mean()
     figures["merge_deviation"] = float((merged - unmerged).float().abs().mean() / lora_effect)
     return figures
 
 
-def transition_figures(
-    module: GFlowDiffModule, batch_size: int, repeats: int, structures: list[str]
-) -> dict[str, dict[str, float]]:
-    """Loss + backward of ``batch_size`` non-terminal transitions, in each pass structure: one mid-trajectory step
-    of B trajectories, or (``pairs``) two adjacent steps of B/2 trajectories."""
+def transition_batches(module: GFlowDiffModule, batch_size: int) -> dict[str, object]:
+    """``batch_size`` non-terminal transitions: one mid-trajectory step of B trajectories, and (``pairs``) two adjacent
+    steps of B/2 trajectories."""
     rollout = sample_rollout(
         module.policy, ["a photo of a cat"] * batch_size, module.reward, module.sampler, torch.Generator()
     )
@@ -150,22 +153,37 @@ def transition_figures(
     chunk = rollout.transitions(torch.arange(batch_size), torch.full((batch_size,), middle, dtype=torch.long))
     half = batch_size // 2
     pairs = rollout.transitions(torch.arange(half).repeat_interleave(2), torch.tensor([middle, middle + 1] * half))
+    return {"single": chunk, "pairs": pairs}
+
+
+def transition_figures(
+    module: GFlowDiffModule, batches: dict[str, object], repeats: int, structures: list[str]
+) -> dict[str, dict[str, float]]:
+    """Loss + backward of the batch of non-terminal transitions in each pass structure (``+compile``: the networks
+    are compiled already; the first call, which compiles, is timed on its own)."""
+    batch_size = len(batches["single"].x)
     context = module.context(torch.Generator().manual_seed(0))
     figures = {}
     for structure in structures:
-        if structure == "pairs" and batch_size % 2:
+        base = structure.removesuffix("+compile")
+        if base == "pairs" and batch_size % 2:
             continue
-        module.objective.pass_structure = "fused" if structure == "pairs" else structure
-        batch = pairs if structure == "pairs" else chunk
+        module.objective.pass_structure = "fused" if base == "pairs" else base
+        batch = batches["pairs"] if base == "pairs" else batches["single"]
 
         def train_step(batch=batch):
             with autocast():
                 loss = module.objective.loss(batch, context).loss
             loss.backward()
             module.zero_grad(set_to_none=True)
+            return float(loss.detach())
 
+        started = time.perf_counter()
+        loss = train_step()  # compiled networks: the first call compiles
+        print(f"  B={batch_size} {structure}: loss {loss:.6g}, first call {time.perf_counter() - started:.1f} s",
+              flush=True)  # fmt: skip
         reset_peak()
-        seconds = timed(train_step, repeats)
+        seconds = timed(train_step, repeats, warm_up=False)
         figures[structure] = {"transitions_per_s": batch_size / seconds, "ms": 1000 * seconds,
                               "peak_gib": peak_memory_gib()}  # fmt: skip
         print(f"  B={batch_size} {structure}: {1000 * seconds:.0f} ms, {figures[structure]['peak_gib']:.2f} GiB",
@@ -174,8 +192,16 @@ def transition_figures(
     return figures
 
 
-def table_row(batch_size: int, figures: dict[str, dict[str, float]]) -> str:
-    """One markdown row; a structure that was not run (or B odd, for pairs) shows as –."""
+def table_header(names: list[str]) -> list[str]:
+    columns = [f"{LABELS[name]} (transitions/s)" + ("" if name == "reference" else " | speed-up") for name in names]
+    arrows = " → ".join(SHORT[name] for name in names)
+    header = f"| B | {' | '.join(columns)} | ms / step {arrows} | peak GiB {arrows} |"
+    return [header, "|---" * (header.count("|") - 1) + "|"]
+
+
+def table_row(batch_size: int, figures: dict[str, dict[str, float]], names: list[str]) -> str:
+    """One markdown row; a structure that was not run (or B odd, for pairs) shows as –. Speed-ups are against the
+    eager reference structure of the same run."""
 
     def show(structure: str, key: str, digits: int) -> str:
         return f"{figures[structure][key]:.{digits}f}" if structure in figures else "–"
@@ -185,18 +211,25 @@ def table_row(batch_size: int, figures: dict[str, dict[str, float]]) -> str:
             return "–"
         return f"{figures[structure]['transitions_per_s'] / figures['reference']['transitions_per_s']:.2f}×"
 
-    names = ("reference", "fused", "pairs")
+    cells = [show(n, "transitions_per_s", 2) + ("" if n == "reference" else f" | {speedup(n)}") for n in names]
     return (
-        f"| {batch_size} | {show('reference', 'transitions_per_s', 2)} | {show('fused', 'transitions_per_s', 2)} | "
-        f"{speedup('fused')} | {show('pairs', 'transitions_per_s', 2)} | {speedup('pairs')} | "
-        f"{' → '.join(show(n, 'ms', 0) for n in names)} | {' → '.join(show(n, 'peak_gib', 2) for n in names)} |"
+        f"| {batch_size} | {' | '.join(cells)} | {' → '.join(show(n, 'ms', 0) for n in names)} | "
+        f"{' → '.join(show(n, 'peak_gib', 2) for n in names)} |"
     )
+
+
+LABELS = {"reference": "reference structure", "fused": "fused", "pairs": "fused, adjacent pairs"}
+SHORT = {"reference": "reference", "fused": "fused", "pairs": "pairs"}
+for _name in list(LABELS):
+    LABELS[f"{_name}+compile"], SHORT[f"{_name}+compile"] = f"{LABELS[_name]}, compiled", f"{_name} compiled"
 
 
 COMPONENT_NAMES = {"unet": "UNet (CFG, 2B)", "decoder": "VAE decoder", "reward": "reward"}
 
 
-def component_figures(module: GFlowDiffModule, batch_size: int, repeats: int) -> dict[str, float]:
+def component_figures(
+    module: GFlowDiffModule, batch_size: int, repeats: int, names: tuple[str, ...] = ("unet", "decoder", "reward")
+) -> dict[str, float]:
     """Milliseconds of one forward + input-gradient backward of each network at batch B (UNet: 2B with CFG)."""
     policy, device = module.policy, module.device
     shape = (batch_size, policy.latent_channels, policy.latent_size, policy.latent_size)
@@ -223,7 +256,8 @@ def component_figures(module: GFlowDiffModule, batch_size: int, repeats: int) ->
         x = images.clone().requires_grad_(True)
         torch.autograd.grad(module.reward(x, prompts).sum(), x)
 
-    return {name: 1000 * timed(fn, repeats) for name, fn in (("unet", unet), ("decoder", decoder), ("reward", reward))}
+    passes = {"unet": unet, "decoder": decoder, "reward": reward}
+    return {name: 1000 * timed(passes[name], repeats) for name in names}
 
 
 def main() -> None:
@@ -239,10 +273,27 @@ def main() -> None:
     parser.add_argument("--sd15-dir", default=None, help="reuse (or create) the random SD-1.5 files here")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables to this file")
     parser.add_argument("--components", action="store_true", help="also time UNet, VAE decoder and reward passes")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="then torch.compile the networks and time --compiled-structures and the rollout again",
+    )
+    parser.add_argument("--compiled-structures", nargs="+", default=["pairs", "fused", "reference"],
+                        choices=["reference", "fused", "pairs"])  # fmt: skip
+    parser.add_argument("--rollout-merged", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the rollout with the LoRA merged")  # fmt: skip
+    parser.add_argument("--compile-reward", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --compile: also compile the reward's networks")  # fmt: skip
+    parser.add_argument("--tf32", action="store_true",
+                        help="fp32 matmuls in TF32, as the reference code")  # fmt: skip
+    parser.add_argument("--compile-backend", default="inductor", help="aot_eager: a quick CPU check of the plumbing")
     args = parser.parse_args()
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
 
     device = torch.cuda.get_device_name() if CUDA else f"CPU, {torch.get_num_threads()} threads"
     precision = "bf16 UNet/VAE under bf16 autocast" if CUDA else "fp32"
+    precision += ", TF32 matmuls" if args.tf32 else ""
     lines = [f"{datetime.date.today()} · {device} · torch {torch.__version__} · {precision}; LoRA r8, flow head and "
              "reward in fp32"]  # fmt: skip
 
@@ -256,24 +307,57 @@ def main() -> None:
             module = build_module(model, Path(workdir), args)
             s = module.sampler
             emit(f"\n**{model}** ({s.num_inference_steps} steps, CFG {s.guidance_scale:g})\n")
-            emit("| B | reference structure (transitions/s) | fused (transitions/s) | speed-up | fused, adjacent "
-                 "pairs (transitions/s) | speed-up | ms / step reference → fused → pairs | peak GiB reference → "
-                 "fused → pairs |")  # fmt: skip
-            emit("|---|---|---|---|---|---|---|---|")
+            names = list(args.structures)
+            figures: dict[int, dict[str, dict[str, float]]] = {}
+            batches = {}
             for batch_size in args.batch_sizes:
                 try:
-                    f = transition_figures(module, batch_size, args.repeats, args.structures)
+                    batches[batch_size] = transition_batches(module, batch_size)
+                    figures[batch_size] = transition_figures(module, batches[batch_size], args.repeats, names)
                 except torch.OutOfMemoryError:
-                    emit(f"| {batch_size} | out of memory | | | | | | |")
+                    print(f"  B={batch_size}: out of memory", flush=True)
                     module.zero_grad(set_to_none=True)
                     torch.cuda.empty_cache()
-                    continue
-                emit(table_row(batch_size, f))
+            rollout = None
             if args.rollout_batch:
-                r = rollout_figures(module, args.rollout_batch, args.repeats)
+                rollout = rollout_figures(module, args.rollout_batch, args.repeats, args.rollout_merged)
+            compiled_rollout = None
+            if args.compile:
+                compiled_names = [f"{name}+compile" for name in args.compiled_structures]
+                compiled = compile_networks(
+                    module.policy, module.flow_head, module.reward, args.compile_backend, args.compile_reward
+                )
+                print("  compiling:", ", ".join(compiled), flush=True)
+                names += compiled_names
+                for batch_size, batch in batches.items():
+                    try:
+                        figures[batch_size] |= transition_figures(module, batch, args.repeats, compiled_names)
+                    except torch.OutOfMemoryError:
+                        print(f"  B={batch_size} compiled: out of memory", flush=True)
+                        module.zero_grad(set_to_none=True)
+                        torch.cuda.empty_cache()
+                if args.rollout_batch:
+                    started = time.perf_counter()
+                    compiled_rollout = rollout_figures(module, args.rollout_batch, args.repeats, merged=False)
+                    print(f"  compiled rollout: {time.perf_counter() - started:.0f} s with compiling", flush=True)
+            for line in table_header(names):
+                emit(line)
+            for batch_size in args.batch_sizes:
+                emit(table_row(batch_size, figures[batch_size], names) if batch_size in figures
+                     else f"| {batch_size} | out of memory |")  # fmt: skip
+            if rollout and "merged" in rollout:
+                r = rollout
                 emit(f"\nrollout, {args.rollout_batch} trajectories: {r['unmerged']:.2f} samples/s with the LoRA "
                      f"unmerged, {r['merged']:.2f} merged ({r['merged'] / r['unmerged']:.2f}×); merged − unmerged "
                      f"final latents: {100 * r['merge_deviation']:.2f} % of the LoRA effect (mean |Δ|)")  # fmt: skip
+            if rollout and "merged" not in rollout:
+                emit(
+                    f"\nrollout, {args.rollout_batch} trajectories, LoRA unmerged: {rollout['unmerged']:.2f} samples/s"
+                )
+            if compiled_rollout:
+                c = compiled_rollout["unmerged"]
+                emit(f"rollout compiled, LoRA unmerged: {c:.2f} samples/s ({c / rollout['unmerged']:.2f}× the eager "
+                     "unmerged rollout)")  # fmt: skip
             if args.components:
                 for batch_size in args.batch_sizes:
                     c = component_figures(module, batch_size, args.repeats)

@@ -107,6 +107,8 @@ def test_every_config_parses(config, capsys):
         assert "reward_scale: 2.0" in printed
     if config.name == "adjacent_pairs.yaml":
         assert "adjacent_pairs: true" in printed
+    if config.name == "compile.yaml":
+        assert "compile: true" in printed
 
 
 def test_bad_input_errors_name_the_option(tmp_path, capsys):

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from gflowdiff.checkpointing import TRAINABLE_STATE_KEY, export_lora, restore_trainable_state, trainable_state
+from gflowdiff.compilation import compile_networks
 from gflowdiff.data import DeferredPromptBatch
 from gflowdiff.evaluation import EvaluationConfig, Evaluator, sample_pair, side_by_side
 from gflowdiff.flow_head import FlowHead, FlowHeadConfig
@@ -77,6 +78,8 @@ class GFlowDiffModule(L.LightningModule):
         check_reward_gradient: before training a gradient objective, check on a random image that the reward's
             gradient is finite, non-zero and matches finite differences (catches no_grad/detach/clamp rewards).
         evaluation: metrics of ``validate``/``test`` and of the validation during ``fit`` (evaluation.py).
+        compile: ``torch.compile`` the UNet, VAE decoder, flow head and reward networks (compilation.py). For GPUs:
+            the first steps and the first rollout compile for a few minutes; on CPU compiling takes far longer.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class GFlowDiffModule(L.LightningModule):
         max_consecutive_bad_steps: int = 3,
         check_reward_gradient: bool = True,
         evaluation: EvaluationConfig = EvaluationConfig(),  # noqa: B008
+        compile: bool = False,
     ):
         super().__init__()
         if train_batch_size < 1:
@@ -135,6 +139,8 @@ class GFlowDiffModule(L.LightningModule):
             if objective.uses_flow_head
             else None
         )
+        if compile:
+            compile_networks(self.policy, self.flow_head, self.reward)
         self.trainable_names = {name for name, p in self.named_parameters() if p.requires_grad}
         self.rollouts_done = 0
         self.rollout_buffer: Rollout | None = None

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# GPU speed check that fits one 10-minute device call: SD-1.5's architecture with random weights, B = 4, bf16.
+# Eager reference structure vs fused adjacent pairs, then the same pairs with the networks compiled
+# (`--model.compile true`), and (ROLLOUT=1) the rollout eager vs compiled. Compiling takes most of the time
+# (1–2 min per UNet variant on an H100), so the reward is left eager here (COMPILE_REWARD=1 compiles it too).
+# Everything goes unbuffered to OUT_DIR/benchmark.log as it happens, so a run cut short still reports.
+# Usage: bash scripts/gpu_speed_check.sh OUT_DIR          (CPU smoke test: MODEL=tiny-sd BACKEND=aot_eager)
+set -euo pipefail
+out=${1:-gpu_speed}
+mkdir -p "$out"
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+model=${MODEL:-sd15}
+sd15=${SD15_DIR:-/tmp/sd15}
+if [ "$model" = sd15 ] && [ ! -f "$sd15/pipeline/model_index.json" ]; then
+  python3 -m gflowdiff.zoo.sd15_random --out "$sd15" >"$out/build.log" 2>&1
+fi
+rollout=$([ "${ROLLOUT:-0}" = 1 ] && echo 4 || echo 0)
+reward=$([ "${COMPILE_REWARD:-0}" = 1 ] && echo --compile-reward || echo --no-compile-reward)
+python3 scripts/benchmark.py --models "$model" --sd15-dir "$sd15" --batch-sizes 4 --structures reference pairs \
+  --rollout-batch "$rollout" --no-rollout-merged --repeats 3 --compile --compiled-structures pairs "$reward" \
+  --compile-backend "${BACKEND:-inductor}" ${TF32:+--tf32} --out "$out/benchmark.md" >"$out/benchmark.log" 2>&1 || status=$?
+grep -v -i "warn\|^ *warnings\.\|Loading weights\|Writing model" "$out/benchmark.log" | tail -n 25
+exit "${status:-0}"
