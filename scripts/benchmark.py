@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from gflowdiff.compilation import compile_networks
+from gflowdiff.compilation import compile_networks, describe
 from gflowdiff.flow_head import FlowHeadConfig
 from gflowdiff.module import GFlowDiffModule
 from gflowdiff.objectives import ResidualNablaDB
@@ -286,6 +286,7 @@ def main() -> None:
                         help="with --compile: also compile the reward's networks")  # fmt: skip
     parser.add_argument("--tf32", action="store_true",
                         help="fp32 matmuls in TF32, as the reference code")  # fmt: skip
+    parser.add_argument("--compile-scope", default="whole", choices=["blocks", "whole"], help="of the UNet")
     parser.add_argument("--compile-backend", default="inductor", help="aot_eager: a quick CPU check of the plumbing")
     args = parser.parse_args()
     if args.tf32:
@@ -325,9 +326,10 @@ def main() -> None:
             if args.compile:
                 compiled_names = [f"{name}+compile" for name in args.compiled_structures]
                 compiled = compile_networks(
-                    module.policy, module.flow_head, module.reward, args.compile_backend, args.compile_reward
-                )
-                print("  compiling:", ", ".join(compiled), flush=True)
+                    module.policy, module.flow_head, module.reward, args.compile_backend, args.compile_reward,
+                    args.compile_scope,
+                )  # fmt: skip
+                print("  compiling:", describe(compiled), flush=True)
                 names += compiled_names
                 for batch_size, batch in batches.items():
                     try:

@@ -60,8 +60,16 @@ def test_compile_option_compiles_in_place_and_keeps_parameter_names(tiny_sd_path
 
     eager = GFlowDiffModule(ResidualNablaDB(), DigitClassifierReward(), str(tiny_sd_path), log_images_every_n_steps=0)
     module = GFlowDiffModule(
-        ResidualNablaDB(), DigitClassifierReward(), str(tiny_sd_path), log_images_every_n_steps=0, compile=True
+        ResidualNablaDB(),
+        DigitClassifierReward(),
+        str(tiny_sd_path),
+        log_images_every_n_steps=0,
+        compile=True,
+        compile_scope="blocks",
     )
-    assert module.policy.unet._compiled_call_impl is not None and module.flow_head._compiled_call_impl is not None
+    # scope "blocks": every attention and ResNet block of the UNet is compiled, not the UNet as a whole
+    blocks = [m for m in module.policy.unet.modules() if type(m).__name__ in ("BasicTransformerBlock", "ResnetBlock2D")]
+    assert len(blocks) >= 4 and all(m._compiled_call_impl is not None for m in blocks)
+    assert module.policy.unet._compiled_call_impl is None and module.flow_head._compiled_call_impl is not None
     assert eager.policy.unet._compiled_call_impl is None
     assert module.state_dict().keys() == eager.state_dict().keys()  # checkpoints load either way

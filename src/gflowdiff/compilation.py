@@ -2,15 +2,28 @@
 
 At SD-1.5 size and B ≤ 8 an eager step spends much of its time launching small kernels: the unmerged LoRA alone adds
 five per adapted layer, and GroupNorm/SiLU chains at 512² in the VAE decoder are memory-bound. Compiling fuses them.
-The same module objects are compiled in place (``nn.Module.compile``), so parameter names, checkpoints, peft's adapter
-switches and the pretrained pass (adapters disabled) are unchanged; each (grad mode, adapters on/off, shape) variant
-compiles once, on its first call (1–2 minutes per variant for the SD-1.5 UNet on a GPU machine; far longer on CPU).
+Modules are compiled in place (``nn.Module.compile``), so parameter names, checkpoints, peft's adapter switches and
+the pretrained pass (adapters disabled) are unchanged. Each variant (grad on/off × adapters on/off) compiles on its
+first call and, at its second batch size, once more for every batch size (torch's automatic dynamic shapes).
+
+Scope ``whole`` (default) compiles the UNet as one graph; ``blocks`` (regional compilation) compiles its attention
+and ResNet blocks, so that blocks of one shape share a compiled graph: less compile time, which is paid again at every
+(re)start of a job, for fewer fusions across blocks. Measured (2026-11-26): on an H100 at SD-1.5 size, the whole VAE
+decoder compiles in 72 s and runs its forward + input-gradient backward at B = 4 in 107 ms instead of 167 ms; one
+variant of the whole UNet took over 95 s to compile. On this project's CPU machine (aot_eager, graph capture only,
+SD-1.5 UNet with LoRA, forward + input gradient) the first call took 72 s whole and 54 s in blocks, eager 9 s.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
+
+CompileScope = Literal["blocks", "whole"]
+# the UNet's repeated blocks: attention (with the LoRA layers) and ResNet blocks, nearly all of its work
+UNET_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 
 
 def compile_networks(
@@ -19,21 +32,29 @@ def compile_networks(
     reward: nn.Module,
     backend: str = "inductor",
     include_reward: bool = True,
+    scope: CompileScope = "whole",
 ) -> list[str]:
-    """Compile the UNet, the VAE decoder, the flow head and the reward's sub-networks in place. Returns their names.
-    A variant compiles for the first batch size it sees and, at the second, once more for any batch size (torch's
-    automatic dynamic shapes): marking the batch dynamic from the start was tried and made tracing ~60 % slower.
+    """Compile the UNet (``scope``), the VAE decoder, the flow head and the reward's sub-networks in place. Returns
+    the names of what was compiled.
 
     The reward is compiled per child module, not as a whole: its ``__call__`` takes a list of prompts that may go
     through a tokenizer, which would only cause graph breaks.
     """
+    if scope not in ("blocks", "whole"):
+        raise ValueError(f"--model.compile_scope must be blocks or whole, got {scope!r}")
     # The objectives take several vector-Jacobian products through one graph (retain_graph=True); AOTAutograd's
     # buffer donation assumes a single backward and refuses that.
     torch._functorch.config.donated_buffer = False
-    # variants per network: grad on/off × adapters on/off, each compiled twice at most (static, then dynamic)
+    # variants per compiled code: grad on/off × adapters on/off × (static, dynamic); blocks of several shapes share one
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 16))
-    networks: dict[str, nn.Module] = {"unet": policy.unet}
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 32))
+    networks: dict[str, nn.Module] = {}
+    if scope == "whole":
+        networks["unet"] = policy.unet
+    else:
+        for name, module in policy.unet.named_modules():
+            if type(module).__name__ in UNET_BLOCKS:
+                networks[f"unet.{name}"] = module
     if policy.vae is not None:
         networks["vae.decoder"] = policy.vae.decoder
     if flow_head is not None:
@@ -44,3 +65,10 @@ def compile_networks(
     for network in networks.values():
         network.compile(backend=backend)
     return list(networks)
+
+
+def describe(names: list[str]) -> str:
+    """A short summary of compile_networks' result: the UNet's blocks are counted, not listed."""
+    blocks = [n for n in names if n.startswith("unet.")]
+    rest = [n for n in names if not n.startswith("unet.")]
+    return ", ".join(([f"{len(blocks)} UNet blocks"] if blocks else []) + rest)

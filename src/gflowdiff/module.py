@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from gflowdiff.checkpointing import TRAINABLE_STATE_KEY, export_lora, restore_trainable_state, trainable_state
-from gflowdiff.compilation import compile_networks
+from gflowdiff.compilation import CompileScope, compile_networks
 from gflowdiff.data import DeferredPromptBatch
 from gflowdiff.evaluation import EvaluationConfig, Evaluator, sample_pair, side_by_side
 from gflowdiff.flow_head import FlowHead, FlowHeadConfig
@@ -78,8 +78,10 @@ class GFlowDiffModule(L.LightningModule):
         check_reward_gradient: before training a gradient objective, check on a random image that the reward's
             gradient is finite, non-zero and matches finite differences (catches no_grad/detach/clamp rewards).
         evaluation: metrics of ``validate``/``test`` and of the validation during ``fit`` (evaluation.py).
-        compile: ``torch.compile`` the UNet, VAE decoder, flow head and reward networks (compilation.py). For GPUs:
-            the first steps and the first rollout compile for a few minutes; on CPU compiling takes far longer.
+        compile: ``torch.compile`` the UNet, VAE decoder, flow head and reward networks (compilation.py); same math.
+            For GPUs: the first steps and the first rollout compile for minutes; on CPU compiling takes far longer.
+        compile_scope: ``whole`` compiles the UNet as one graph, ``blocks`` its repeated blocks (less compile
+            time, paid again at every restart; fewer fusions).
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class GFlowDiffModule(L.LightningModule):
         check_reward_gradient: bool = True,
         evaluation: EvaluationConfig = EvaluationConfig(),  # noqa: B008
         compile: bool = False,
+        compile_scope: CompileScope = "whole",
     ):
         super().__init__()
         if train_batch_size < 1:
@@ -140,7 +143,7 @@ class GFlowDiffModule(L.LightningModule):
             else None
         )
         if compile:
-            compile_networks(self.policy, self.flow_head, self.reward)
+            compile_networks(self.policy, self.flow_head, self.reward, scope=compile_scope)
         self.trainable_names = {name for name, p in self.named_parameters() if p.requires_grad}
         self.rollouts_done = 0
         self.rollout_buffer: Rollout | None = None
