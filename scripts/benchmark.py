@@ -287,7 +287,9 @@ def main() -> None:
     parser.add_argument("--tf32", action="store_true",
                         help="fp32 matmuls in TF32, as the reference code")  # fmt: skip
     parser.add_argument("--compile-scope", default="whole", choices=["blocks", "whole"], help="of the UNet")
-    parser.add_argument("--compile-backend", default="inductor", help="aot_eager: a quick CPU check of the plumbing")
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="aot_eager_decomp_partition: a quick CPU check of the plumbing"
+    )
     args = parser.parse_args()
     if args.tf32:
         torch.set_float32_matmul_precision("high")

@@ -5,7 +5,7 @@
 # (the whole UNet: over 95 s per variant on an H100; SCOPE=blocks compiles its repeated blocks instead), so the
 # reward is left eager here (COMPILE_REWARD=1 compiles it too). TF32=1 sets TF32 matmuls for the fp32 networks.
 # Everything goes unbuffered to OUT_DIR/benchmark.log as it happens, so a run cut short still reports.
-# Usage: bash scripts/gpu_speed_check.sh OUT_DIR          (CPU smoke test: MODEL=tiny-sd BACKEND=aot_eager)
+# Usage: bash scripts/gpu_speed_check.sh OUT_DIR          (CPU smoke test: MODEL=tiny-sd BACKEND=aot_eager_decomp_partition)
 set -euo pipefail
 out=${1:-gpu_speed}
 mkdir -p "$out"

@@ -164,9 +164,9 @@ class GFlowDiffModule(L.LightningModule):
     # ---- training ----------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         if self.check_reward_gradient and self.objective.requires_reward_gradient:
-            latent = torch.zeros(1, self.policy.latent_channels, self.policy.latent_size, self.policy.latent_size)
+            latent = torch.zeros(2, self.policy.latent_channels, self.policy.latent_size, self.policy.latent_size)
             with torch.no_grad():
-                image_shape = (2, *self.policy.decode(latent.to(self.device)).shape[1:])
+                image_shape = self.policy.decode(latent.to(self.device)).shape
             check_reward_gradient(self.reward, image_shape, torch.Generator().manual_seed(self.seed))
 
     def context(self, generator: torch.Generator) -> ObjectiveContext:
