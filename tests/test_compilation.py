@@ -42,6 +42,7 @@ def test_compile_option_compiles_in_place_and_keeps_parameter_names(tiny_sd_path
     assert module.state_dict().keys() == eager.state_dict().keys()  # checkpoints load either way
 
 
+@pytest.mark.slow
 def test_fit_with_compile_logs_the_eager_runs_losses_and_metrics(tiny_sd_path, tmp_path, monkeypatch):
     """``gflowdiff fit --model.compile true``, residual ∇-DB in adjacent pairs: two optimizer steps (rollouts, the
     fused passes, validation, checkpoints) log the eager run's losses, rewards and validation metrics.
