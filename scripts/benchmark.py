@@ -218,10 +218,9 @@ def table_row(batch_size: int, figures: dict[str, dict[str, float]], names: list
     )
 
 
-LABELS = {"reference": "reference structure", "fused": "fused", "pairs": "fused, adjacent pairs"}
-SHORT = {"reference": "reference", "fused": "fused", "pairs": "pairs"}
-for _name in list(LABELS):
-    LABELS[f"{_name}+compile"], SHORT[f"{_name}+compile"] = f"{LABELS[_name]}, compiled", f"{_name} compiled"
+_EAGER_LABELS = {"reference": "reference structure", "fused": "fused", "pairs": "fused, adjacent pairs"}
+LABELS = _EAGER_LABELS | {f"{name}+compile": f"{label}, compiled" for name, label in _EAGER_LABELS.items()}
+SHORT = {name: name.replace("+compile", " compiled") for name in LABELS}  # column names in the ms / GiB chains
 
 
 COMPONENT_NAMES = {"unet": "UNet (CFG, 2B)", "decoder": "VAE decoder", "reward": "reward"}

@@ -99,6 +99,16 @@ class _Scores:
     reverse: Tensor | None
 
 
+@dataclass
+class _PolicyPass:
+    """ε̂_θ(x, t) with LoRA on, x a leaf requiring grad: μ_θ(x) and the forward score ∇_{x'} log P_F(x'|x)."""
+
+    x: Tensor
+    eps: Tensor
+    mean: Tensor
+    forward_score: Tensor
+
+
 class GradientDBObjective(Objective):
     """Base of ∇-DB and residual ∇-DB; subclasses define the prior scores.
 
@@ -237,13 +247,15 @@ class GradientDBObjective(Objective):
         return flow, g_terminal
 
     def flow_score_current(
-        self, chunk: Transitions, x: Tensor, eps: Tensor, abar_t: Tensor, ctx: ObjectiveContext
+        self, chunk: Transitions, at_x: _PolicyPass, abar_t: Tensor, ctx: ObjectiveContext
     ) -> Tensor:
         """∇_x log F(x) = g_φ(x, t) + β·γ_t·∇_x r(D(x̂0_θ(x, t))), reusing the policy pass ε̂_θ(x, t)."""
+        x = at_x.x
         flow = torch.zeros_like(x)
         if self.guesses_reward_at_x:
             gamma = per_sample(guess_weight(abar_t, self.reward_guess_weighting), x)
-            flow = self.reward_scale * gamma * self.reward_gradient(x, predicted_x0(x, eps, abar_t), chunk.prompts, ctx)
+            x0_hat = predicted_x0(x, at_x.eps, abar_t)
+            flow = self.reward_scale * gamma * self.reward_gradient(x, x0_hat, chunk.prompts, ctx)
         if self.use_flow_head:
             flow = flow + ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds)
         return flow
@@ -252,13 +264,10 @@ class GradientDBObjective(Objective):
         self,
         chunk: Transitions,
         ctx: ObjectiveContext,
-        x: Tensor,
-        eps: Tensor,
-        mean: Tensor,
+        at_x: _PolicyPass,
         std: Tensor,
         abar_t: Tensor,
         abar_prev: Tensor,
-        policy_fwd: Tensor,
         prior: _Scores,
     ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         """The reference's passes (method.md §3.1 steps 6–12): the policy's reverse VJP, a reward-gradient pass at
@@ -266,12 +275,14 @@ class GradientDBObjective(Objective):
         need_reverse = self.reverse_loss_scale > 0
         policy_rev = None
         if need_reverse:
-            policy_rev = reverse_score(x, chunk.x_next, mean, std, create_graph=self.reverse_loss_trains_policy)
+            policy_rev = reverse_score(
+                at_x.x, chunk.x_next, at_x.mean, std, create_graph=self.reverse_loss_trains_policy
+            )
         guess_next, _ = self.guess_next_gradient(chunk, ctx, abar_prev)  # while the x graph is alive, as the reference
         flow_next, g_terminal = self.flow_from_guess_next(chunk, guess_next, ctx, abar_prev)
-        flow_cur = self.flow_score_current(chunk, x, eps, abar_t, ctx) if need_reverse else None
+        flow_cur = self.flow_score_current(chunk, at_x, abar_t, ctx) if need_reverse else None
         forward_residual, reverse_residual = nabla_db_residuals(
-            policy_fwd, prior.forward, flow_next, policy_rev, prior.reverse, flow_cur
+            at_x.forward_score, prior.forward, flow_next, policy_rev, prior.reverse, flow_cur
         )
         return forward_residual, reverse_residual, flow_next, g_terminal
 
@@ -295,9 +306,7 @@ class GradientDBObjective(Objective):
         self,
         chunk: Transitions,
         ctx: ObjectiveContext,
-        x: Tensor,
-        eps: Tensor,
-        mean: Tensor,
+        at_x: _PolicyPass,
         std: Tensor,
         abar_t: Tensor,
         pullback: Tensor | None = None,
@@ -308,11 +317,12 @@ class GradientDBObjective(Objective):
         ``pullback``: ∇_{x̂0} r already computed for the first rows by the x' pass of transitions ending there; their
         reward term is then x̂0·pullback, whose x-gradient is the same chain rule without a second VAE/reward pass.
         """
+        x, mean = at_x.x, at_x.mean
         with torch.enable_grad():
             # log P_F(x'|x) up to terms without x (x' is the stored constant)
             total = -((chunk.x_next - mean) ** 2 / (2 * per_sample(std, mean) ** 2)).sum()
             if self.guesses_reward_at_x:
-                x0_hat = predicted_x0(x, eps, abar_t)
+                x0_hat = predicted_x0(x, at_x.eps, abar_t)
                 weight = self.reward_scale * guess_weight(abar_t, self.reward_guess_weighting)
                 n = 0 if pullback is None else len(pullback)
                 if n:
@@ -333,15 +343,14 @@ class GradientDBObjective(Objective):
 
     def policy_pass(
         self, chunk: Transitions, ctx: ObjectiveContext, abar_t: Tensor, abar_prev: Tensor, std: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """ε̂_θ(x, t) with LoRA on; x requires grad for the reverse score and the reward guess at x. Returns
-        (x, ε̂, μ_θ, ∇_{x'} log P_F(x'|x))."""
+    ) -> _PolicyPass:
+        """ε̂_θ(x, t) with LoRA on; x requires grad for the reverse score and the reward guess at x."""
         x = chunk.x.detach().requires_grad_(True)
         eps = ctx.policy.predict_noise(
             x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, ctx.sampler.guidance_scale
         )
         mean = ddim_mean(x, eps, abar_t, abar_prev, std)
-        return x, eps, mean, forward_score(chunk.x_next, mean, std)
+        return _PolicyPass(x, eps, mean, forward_score(chunk.x_next, mean, std))
 
     # ---- loss ---------------------------------------------------------------------------------------------------
     def loss(self, chunk: Transitions, ctx: ObjectiveContext) -> ObjectiveOutput:
@@ -361,21 +370,21 @@ class GradientDBObjective(Objective):
         if fused:
             # The x' pass runs first and is freed, so only one UNet graph and one VAE graph are alive at a time.
             guess_next, pullback_next = self.guess_next_gradient(chunk, ctx, abar_prev)
-            x, eps, mean, policy_fwd = self.policy_pass(chunk, ctx, abar_t, abar_prev, std)
+            at_x = self.policy_pass(chunk, ctx, abar_t, abar_prev, std)
             flow_next, g_terminal = self.flow_from_guess_next(chunk, guess_next, ctx, abar_prev)
-            forward_residual = policy_fwd - prior.forward - flow_next
+            forward_residual = at_x.forward_score - prior.forward - flow_next
             reverse_residual = None
             if self.reverse_loss_scale > 0:
                 g_cur = ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds) if self.use_flow_head else 0.0
                 # policy_rev − prior_rev + flow_cur, with flow_cur = g_φ(x) + β·γ_t·∇_x r (method.md §2.3)
                 # x of the first rows is x' of rows source: their VAE-decoder + reward backward is already done
                 pullback = pullback_next[source] if source is not None and len(source) else None
-                policy_rev_plus_guess = self.reverse_score_plus_guess(chunk, ctx, x, eps, mean, std, abar_t, pullback)
+                policy_rev_plus_guess = self.reverse_score_plus_guess(chunk, ctx, at_x, std, abar_t, pullback)
                 reverse_residual = policy_rev_plus_guess - prior.reverse + g_cur
         else:
-            x, eps, mean, policy_fwd = self.policy_pass(chunk, ctx, abar_t, abar_prev, std)
+            at_x = self.policy_pass(chunk, ctx, abar_t, abar_prev, std)
             forward_residual, reverse_residual, flow_next, g_terminal = self.reference_structure_residuals(
-                chunk, ctx, x, eps, mean, std, abar_t, abar_prev, policy_fwd, prior
+                chunk, ctx, at_x, std, abar_t, abar_prev, prior
             )
 
         weight = per_sample(transition_weight(std, self.transition_weighting), forward_residual)
@@ -386,7 +395,7 @@ class GradientDBObjective(Objective):
         loss = forward_loss
         metrics = {
             "objective/forward_loss": forward_loss.detach(),
-            "objective/policy_score_norm": policy_fwd.detach().flatten(1).norm(dim=1).mean(),
+            "objective/policy_score_norm": at_x.forward_score.detach().flatten(1).norm(dim=1).mean(),
             "objective/prior_score_norm": prior.forward.detach().flatten(1).norm(dim=1).mean(),
             "objective/flow_score_norm": flow_next.detach().flatten(1).norm(dim=1).mean(),
         }
@@ -400,7 +409,7 @@ class GradientDBObjective(Objective):
             loss = loss + terminal_loss
             metrics["objective/terminal_loss"] = terminal_loss.detach()
         if self.trust_region_scale > 0:
-            trust_region = mean_square(eps - chunk.noise_pred_old)
+            trust_region = mean_square(at_x.eps - chunk.noise_pred_old)
             loss = loss + self.trust_region_scale * trust_region
             metrics["objective/trust_region_loss"] = trust_region.detach()
         metrics["objective/loss"] = loss.detach()
