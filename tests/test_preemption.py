@@ -67,14 +67,23 @@ def reward_curve(run_dir: Path) -> dict[int, float]:
     return curve
 
 
-def assert_same_run(expected_dir: Path, actual_dir: Path) -> None:
+def assert_same_run(expected_dir: Path, actual_dir: Path, killed_before_step: int | None = None) -> None:
+    """Same trained tensors and the same reward curve. ``killed_before_step``: the first run was SIGKILLed and resumed
+    from that step. Lightning writes a step's checkpoint before it logs that step's metrics, and a kill loses what the
+    TensorBoard writer had not flushed, so logged points before that step may be missing; none may differ, and every
+    step from the resume point on must be there."""
     expected = trainable_tensors(expected_dir / "checkpoints" / "last.ckpt")
     actual = trainable_tensors(actual_dir / "checkpoints" / "last.ckpt")
     assert expected.keys() == actual.keys()
     differing = [k for k in expected if not torch.equal(expected[k], actual[k])]
     assert not differing, f"{len(differing)} trainable tensors differ, e.g. {differing[:2]}"
     expected_curve, actual_curve = reward_curve(expected_dir), reward_curve(actual_dir)
-    assert len(expected_curve) == MAX_STEPS and actual_curve == expected_curve
+    assert len(expected_curve) == MAX_STEPS
+    if killed_before_step is None:
+        assert actual_curve == expected_curve
+    else:
+        assert all(actual_curve[step] == expected_curve[step] for step in actual_curve)
+        assert set(expected_curve) - set(actual_curve) <= set(range(killed_before_step)), sorted(actual_curve)
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -119,7 +128,7 @@ def test_stopped_run_resumes_exactly(uninterrupted, tmp_path, stop_signal):
             if "step=2" not in checkpoint.name:
                 checkpoint.unlink()
     run_fit(run_dir, "--ckpt_path", "last")
-    assert_same_run(uninterrupted, run_dir)
+    assert_same_run(uninterrupted, run_dir, killed_before_step=2 if stop_signal == signal.SIGKILL else None)
 
 
 def test_corrupt_last_checkpoint_fails_clearly_and_the_previous_one_loads(uninterrupted, tmp_path):
