@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# GPU speed check that fits one 10-minute device call: SD-1.5's architecture with random weights, B = 4, bf16.
+# GPU speed check for one 10-minute device call: SD-1.5's architecture with random weights, B = 4, bf16 (with
+# ROLLOUT=1 it took more than 9 minutes on an H100).
 # Eager reference structure vs fused adjacent pairs, then the same pairs with the networks compiled
 # (`--model.compile true`), and (ROLLOUT=1) the rollout eager vs compiled. Compiling takes most of the time
-# (the whole UNet: over 95 s per variant on an H100; SCOPE=blocks compiles its repeated blocks instead), so the
-# reward is left eager here (COMPILE_REWARD=1 compiles it too). TF32=1 sets TF32 matmuls for the fp32 networks.
+# (the first compiled pairs step at B = 4: 415 s on an H100; SCOPE=blocks compiles its repeated blocks instead), so the
+# reward is left eager here (COMPILE_REWARD=1 compiles it too). TF32=1 sets TF32 matmuls for the fp32 networks;
+# BATCHES="4 8" adds batch sizes (each compiles again at its first call).
 # Everything goes unbuffered to OUT_DIR/benchmark.log as it happens, so a run cut short still reports.
 # Usage: bash scripts/gpu_speed_check.sh OUT_DIR          (CPU smoke test: MODEL=tiny-sd BACKEND=aot_eager_decomp_partition)
 set -euo pipefail
@@ -17,7 +19,7 @@ if [ "$model" = sd15 ] && [ ! -f "$sd15/pipeline/model_index.json" ]; then
 fi
 rollout=$([ "${ROLLOUT:-0}" = 1 ] && echo 4 || echo 0)
 reward=$([ "${COMPILE_REWARD:-0}" = 1 ] && echo --compile-reward || echo --no-compile-reward)
-python3 scripts/benchmark.py --models "$model" --sd15-dir "$sd15" --batch-sizes 4 --structures reference pairs \
+python3 scripts/benchmark.py --models "$model" --sd15-dir "$sd15" --batch-sizes ${BATCHES:-4} --structures reference pairs \
   --rollout-batch "$rollout" --no-rollout-merged --repeats 3 --compile --compiled-structures pairs "$reward" \
   --compile-scope "${SCOPE:-whole}" --compile-backend "${BACKEND:-inductor}" ${TF32:+--tf32} --out "$out/benchmark.md" >"$out/benchmark.log" 2>&1 || status=$?
 grep -v -i "warn\|^ *warnings\.\|Loading weights\|Writing model" "$out/benchmark.log" | tail -n 25
