@@ -79,7 +79,7 @@ class GFlowDiffModule(L.LightningModule):
             gradient is finite, non-zero and matches finite differences (catches no_grad/detach/clamp rewards).
         evaluation: metrics of ``validate``/``test`` and of the validation during ``fit`` (evaluation.py).
         compile: ``torch.compile`` the UNet, VAE decoder, flow head and reward networks (compilation.py); same math.
-            For GPUs: the first steps and the first rollout compile for minutes (415 s + 85 s for SD-1.5 on an H100);
+            For GPUs: the first steps and the first rollout compile for minutes (415 s + 93 s for SD-1.5 on an H100);
             on CPU compiling takes far longer. Kernels are cached in ``TORCHINDUCTOR_CACHE_DIR`` for restarts.
         compile_scope: ``whole`` compiles the UNet as one graph, ``blocks`` its repeated blocks (less compile
             time; fewer fusions).
