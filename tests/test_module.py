@@ -122,6 +122,22 @@ def test_bad_input_errors_name_the_option(tmp_path, capsys):
         ResidualNablaDB(reverse_loss_scale=-1)
 
 
+def test_float32_matmul_precision_option(tmp_path, monkeypatch, capsys):
+    """``--float32_matmul_precision high`` turns on TF32 matmuls (as the reference code runs) before anything is built;
+    a bad value names the option."""
+    monkeypatch.chdir(tmp_path)
+    before = torch.get_float32_matmul_precision()
+    try:
+        args = ["--config", str(DIGITS_CONFIG), "--trainer.limit_val_batches", "0", "--trainer.logger", "false"]
+        main(["validate", *args, "--trainer.default_root_dir", str(tmp_path), "--float32_matmul_precision", "high"])
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(DIGITS_CONFIG), "--float32_matmul_precision", "tf32", "--print_config"])
+    assert "float32_matmul_precision" in capsys.readouterr().err
+
+
 class NaNReward(DigitClassifierReward):
     """Returns NaN for every image: each step must be skipped, and the run stopped after too many."""
 
