@@ -179,11 +179,17 @@ def transition_figures(
             return float(loss.detach())
 
         started = time.perf_counter()
-        loss = train_step()  # compiled networks: the first call compiles
-        print(f"  B={batch_size} {structure}: loss {loss:.6g}, first call {time.perf_counter() - started:.1f} s",
-              flush=True)  # fmt: skip
-        reset_peak()
-        seconds = timed(train_step, repeats, warm_up=False)
+        try:
+            loss = train_step()  # compiled networks: the first call compiles
+            print(f"  B={batch_size} {structure}: loss {loss:.6g}, first call {time.perf_counter() - started:.1f} s",
+                  flush=True)  # fmt: skip
+            reset_peak()
+            seconds = timed(train_step, repeats, warm_up=False)
+        except torch.OutOfMemoryError:  # the other structures at this B still run
+            print(f"  B={batch_size} {structure}: out of memory", flush=True)
+            module.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            continue
         figures[structure] = {"transitions_per_s": batch_size / seconds, "ms": 1000 * seconds,
                               "peak_gib": peak_memory_gib()}  # fmt: skip
         print(f"  B={batch_size} {structure}: {1000 * seconds:.0f} ms, {figures[structure]['peak_gib']:.2f} GiB",
@@ -279,6 +285,8 @@ def main() -> None:
     )
     parser.add_argument("--compiled-structures", nargs="+", default=["pairs", "fused", "reference"],
                         choices=["reference", "fused", "pairs"])  # fmt: skip
+    parser.add_argument("--compiled-batch-sizes", nargs="+", type=int, default=None,
+                        help="of --batch-sizes, those timed compiled (default: all; each compiles)")  # fmt: skip
     parser.add_argument("--rollout-merged", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the rollout with the LoRA merged")  # fmt: skip
     parser.add_argument("--compile-reward", action=argparse.BooleanOptionalAction, default=True,
@@ -290,6 +298,8 @@ def main() -> None:
         "--compile-backend", default="inductor", help="aot_eager_decomp_partition: a quick CPU check of the plumbing"
     )
     args = parser.parse_args()
+    if not set(args.compiled_batch_sizes or []) <= set(args.batch_sizes):
+        parser.error("--compiled-batch-sizes must be among --batch-sizes")
     if args.tf32:
         torch.set_float32_matmul_precision("high")
 
@@ -313,13 +323,8 @@ def main() -> None:
             figures: dict[int, dict[str, dict[str, float]]] = {}
             batches = {}
             for batch_size in args.batch_sizes:
-                try:
-                    batches[batch_size] = transition_batches(module, batch_size)
-                    figures[batch_size] = transition_figures(module, batches[batch_size], args.repeats, names)
-                except torch.OutOfMemoryError:
-                    print(f"  B={batch_size}: out of memory", flush=True)
-                    module.zero_grad(set_to_none=True)
-                    torch.cuda.empty_cache()
+                batches[batch_size] = transition_batches(module, batch_size)
+                figures[batch_size] = transition_figures(module, batches[batch_size], args.repeats, names)
             rollout = None
             if args.rollout_batch:
                 rollout = rollout_figures(module, args.rollout_batch, args.repeats, args.rollout_merged)
@@ -332,13 +337,8 @@ def main() -> None:
                 )  # fmt: skip
                 print("  compiling:", describe(compiled), flush=True)
                 names += compiled_names
-                for batch_size, batch in batches.items():
-                    try:
-                        figures[batch_size] |= transition_figures(module, batch, args.repeats, compiled_names)
-                    except torch.OutOfMemoryError:
-                        print(f"  B={batch_size} compiled: out of memory", flush=True)
-                        module.zero_grad(set_to_none=True)
-                        torch.cuda.empty_cache()
+                for batch_size in args.compiled_batch_sizes or args.batch_sizes:
+                    figures[batch_size] |= transition_figures(module, batches[batch_size], args.repeats, compiled_names)
                 if args.rollout_batch:
                     started = time.perf_counter()
                     compiled_rollout = rollout_figures(module, args.rollout_batch, args.repeats, merged=False)
@@ -346,8 +346,7 @@ def main() -> None:
             for line in table_header(names):
                 emit(line)
             for batch_size in args.batch_sizes:
-                emit(table_row(batch_size, figures[batch_size], names) if batch_size in figures
-                     else f"| {batch_size} | out of memory |")  # fmt: skip
+                emit(table_row(batch_size, figures[batch_size], names))  # a structure out of memory shows as –
             if rollout and "merged" in rollout:
                 r = rollout
                 emit(f"\nrollout, {args.rollout_batch} trajectories: {r['unmerged']:.2f} samples/s with the LoRA "

@@ -5,7 +5,8 @@
 # (`--model.compile true`), and (ROLLOUT=1) the rollout eager vs compiled. Compiling takes most of the time
 # (the first compiled pairs step at B = 4: 415 s on an H100; SCOPE=blocks compiles its repeated blocks instead), so the
 # reward is left eager here (COMPILE_REWARD=1 compiles it too). TF32=1 sets TF32 matmuls for the fp32 networks;
-# BATCHES="4 8" adds batch sizes (each compiles again at its first call).
+# BATCHES="4 8" adds batch sizes (each compiles again at its first call); COMPILED_BATCHES="8" times only those
+# compiled (the next measurement to make: compiled pairs at B = 8 against the reference structure at B = 4).
 # Everything goes unbuffered to OUT_DIR/benchmark.log as it happens, so a run cut short still reports.
 # Usage: bash scripts/gpu_speed_check.sh OUT_DIR          (CPU smoke test: MODEL=tiny-sd BACKEND=aot_eager_decomp_partition)
 set -euo pipefail
@@ -21,6 +22,7 @@ rollout=$([ "${ROLLOUT:-0}" = 1 ] && echo 4 || echo 0)
 reward=$([ "${COMPILE_REWARD:-0}" = 1 ] && echo --compile-reward || echo --no-compile-reward)
 python3 scripts/benchmark.py --models "$model" --sd15-dir "$sd15" --batch-sizes ${BATCHES:-4} --structures reference pairs \
   --rollout-batch "$rollout" --no-rollout-merged --repeats 3 --compile --compiled-structures pairs "$reward" \
-  --compile-scope "${SCOPE:-whole}" --compile-backend "${BACKEND:-inductor}" ${TF32:+--tf32} --out "$out/benchmark.md" >"$out/benchmark.log" 2>&1 || status=$?
+  --compile-scope "${SCOPE:-whole}" --compile-backend "${BACKEND:-inductor}" ${TF32:+--tf32} \
+  ${COMPILED_BATCHES:+--compiled-batch-sizes $COMPILED_BATCHES} --out "$out/benchmark.md" >"$out/benchmark.log" 2>&1 || status=$?
 grep -v -i "warn\|^ *warnings\.\|Loading weights\|Writing model" "$out/benchmark.log" | tail -n 25
 exit "${status:-0}"
