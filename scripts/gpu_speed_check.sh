@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# GPU speed check for one 10-minute device call: SD-1.5's architecture with random weights, B = 4, bf16 (with
-# ROLLOUT=1 it took more than 9 minutes on an H100).
+# GPU speed check for one 10-minute device call: SD-1.5's architecture with random weights, B = 4, bf16.
 # Eager reference structure vs fused adjacent pairs, then the same pairs with the networks compiled
-# (`--model.compile true`), and (ROLLOUT=1) the rollout eager vs compiled. Compiling takes most of the time
-# (the first compiled pairs step at B = 4: 415 s on an H100; SCOPE=blocks compiles its repeated blocks instead), so the
-# reward is left eager here (COMPILE_REWARD=1 compiles it too). TF32=1 sets TF32 matmuls for the fp32 networks;
-# BATCHES="4 8" adds batch sizes (each compiles again at its first call); COMPILED_BATCHES="8" times only those
-# compiled (the next measurement to make: compiled pairs at B = 8 against the reference structure at B = 4).
+# (`--model.compile true`). Compiling takes most of the time (the first compiled pairs step at B = 4: 415 s on an
+# H100), so the reward is left eager here. Variables:
+#   ROLLOUT=1           also the rollout, eager vs compiled (the call then took more than 9 minutes on an H100)
+#   SCOPE=blocks        compile the UNet's repeated blocks instead of the whole UNet
+#   COMPILE_REWARD=1    compile the reward's networks too
+#   TF32=1              TF32 matmuls for the fp32 networks
+#   BATCHES="4 8"       more batch sizes (each compiles again at its first call)
+#   COMPILED_BATCHES=8  time only these sizes compiled (next to measure: compiled pairs at B = 8 against the
+#                       reference structure at B = 4)
 # Everything goes unbuffered to OUT_DIR/benchmark.log as it happens, so a run cut short still reports.
 # Usage: bash scripts/gpu_speed_check.sh OUT_DIR          (CPU smoke test: MODEL=tiny-sd BACKEND=aot_eager_decomp_partition)
 set -euo pipefail
