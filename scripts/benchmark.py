@@ -28,6 +28,7 @@ import torch
 
 from gflowdiff.compilation import compile_networks, describe
 from gflowdiff.flow_head import FlowHeadConfig
+from gflowdiff.memory_layout import use_channels_last
 from gflowdiff.module import GFlowDiffModule
 from gflowdiff.objectives import ResidualNablaDB
 from gflowdiff.policy import LoRAConfig
@@ -160,12 +161,13 @@ def transition_figures(
     module: GFlowDiffModule, batches: dict[str, object], repeats: int, structures: list[str]
 ) -> dict[str, dict[str, float]]:
     """Loss + backward of the batch of non-terminal transitions in each pass structure (``+compile``: the networks
-    are compiled already; the first call, which compiles, is timed on its own)."""
+    are compiled already, the first call, which compiles, is timed on its own; ``+channels_last``: the networks are
+    channels-last already)."""
     batch_size = len(batches["single"].x)
     context = module.context(torch.Generator().manual_seed(0))
     figures = {}
     for structure in structures:
-        base = structure.removesuffix("+compile")
+        base = structure.split("+")[0]
         if base == "pairs" and batch_size % 2:
             continue
         module.objective.pass_structure = "fused" if base == "pairs" else base
@@ -225,8 +227,14 @@ def table_row(batch_size: int, figures: dict[str, dict[str, float]], names: list
 
 
 _EAGER_LABELS = {"reference": "reference structure", "fused": "fused", "pairs": "fused, adjacent pairs"}
-LABELS = _EAGER_LABELS | {f"{name}+compile": f"{label}, compiled" for name, label in _EAGER_LABELS.items()}
-SHORT = {name: name.replace("+compile", " compiled") for name in LABELS}  # column names in the ms / GiB chains
+LABELS = (
+    _EAGER_LABELS
+    | {f"{name}+channels_last": f"{label}, channels-last" for name, label in _EAGER_LABELS.items()}
+    | {f"{name}+compile": f"{label}, compiled" for name, label in _EAGER_LABELS.items()}
+)
+SHORT = {  # column names in the ms / GiB chains
+    name: name.replace("+compile", " compiled").replace("+channels_last", " channels-last") for name in LABELS
+}
 
 
 COMPONENT_NAMES = {"unet": "UNet (CFG, 2B)", "decoder": "VAE decoder", "reward": "reward"}
@@ -278,6 +286,9 @@ def main() -> None:
     parser.add_argument("--sd15-dir", default=None, help="reuse (or create) the random SD-1.5 files here")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables to this file")
     parser.add_argument("--components", action="store_true", help="also time UNet, VAE decoder and reward passes")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="then store the networks channels-last and time --structures and the rollout again "
+                        "(a later --compile compiles the channels-last networks)")  # fmt: skip
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -328,6 +339,18 @@ def main() -> None:
             rollout = None
             if args.rollout_batch:
                 rollout = rollout_figures(module, args.rollout_batch, args.repeats, args.rollout_merged)
+            channels_last_rollout = None
+            if args.channels_last:
+                print("  channels-last:", ", ".join(use_channels_last(module.policy, module.flow_head, module.reward)),
+                      flush=True)  # fmt: skip
+                channels_last_names = [f"{name}+channels_last" for name in args.structures]
+                names += channels_last_names
+                for batch_size in args.batch_sizes:
+                    figures[batch_size] |= transition_figures(
+                        module, batches[batch_size], args.repeats, channels_last_names
+                    )
+                if args.rollout_batch:
+                    channels_last_rollout = rollout_figures(module, args.rollout_batch, args.repeats, merged=False)
             compiled_rollout = None
             if args.compile:
                 compiled_names = [f"{name}+compile" for name in args.compiled_structures]
@@ -356,6 +379,10 @@ def main() -> None:
                 emit(
                     f"\nrollout, {args.rollout_batch} trajectories, LoRA unmerged: {rollout['unmerged']:.2f} samples/s"
                 )
+            if channels_last_rollout:
+                c = channels_last_rollout["unmerged"]
+                emit(f"rollout channels-last, LoRA unmerged: {c:.2f} samples/s ({c / rollout['unmerged']:.2f}× the "
+                     "eager unmerged rollout)")  # fmt: skip
             if compiled_rollout:
                 c = compiled_rollout["unmerged"]
                 emit(f"rollout compiled, LoRA unmerged: {c:.2f} samples/s ({c / rollout['unmerged']:.2f}× the eager "

@@ -7,6 +7,9 @@
 #   SCOPE=blocks        compile the UNet's repeated blocks instead of the whole UNet
 #   COMPILE_REWARD=1    compile the reward's networks too
 #   TF32=1              TF32 matmuls for the fp32 networks
+#   CHANNELS_LAST=1     after the eager structures, time them again with channels-last networks (the compiled pairs
+#                       then compile the channels-last networks)
+#   COMPILE=0           eager only: a short call (~2 minutes of the 10) for TF32 / channels-last comparisons
 #   BATCHES="4 8"       more batch sizes (each compiles again at its first call)
 #   COMPILED_BATCHES=8  time only these sizes compiled (next to measure: compiled pairs at B = 8 against the
 #                       reference structure at B = 4)
@@ -24,8 +27,9 @@ fi
 rollout=$([ "${ROLLOUT:-0}" = 1 ] && echo 4 || echo 0)
 reward=$([ "${COMPILE_REWARD:-0}" = 1 ] && echo --compile-reward || echo --no-compile-reward)
 python3 scripts/benchmark.py --models "$model" --sd15-dir "$sd15" --batch-sizes ${BATCHES:-4} --structures reference pairs \
-  --rollout-batch "$rollout" --no-rollout-merged --repeats 3 --compile --compiled-structures pairs "$reward" \
-  --compile-scope "${SCOPE:-whole}" --compile-backend "${BACKEND:-inductor}" ${TF32:+--tf32} \
+  --rollout-batch "$rollout" --no-rollout-merged --repeats 3 $([ "${CHANNELS_LAST:-0}" = 1 ] && echo --channels-last) \
+  $([ "${COMPILE:-1}" = 0 ] || echo --compile) --compiled-structures pairs "$reward" \
+  --compile-scope "${SCOPE:-whole}" --compile-backend "${BACKEND:-inductor}" $([ "${TF32:-0}" = 1 ] && echo --tf32) \
   ${COMPILED_BATCHES:+--compiled-batch-sizes $COMPILED_BATCHES} --out "$out/benchmark.md" >"$out/benchmark.log" 2>&1 || status=$?
 grep -v -i "warn\|^ *warnings\.\|Loading weights\|Writing model" "$out/benchmark.log" | tail -n 25
 exit "${status:-0}"

@@ -58,7 +58,10 @@ def export_lora(policy: DiffusionPolicy, directory: str | Path) -> Path:
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    layers = convert_state_dict_to_diffusers(policy.lora_state_dict())
+    # safetensors stores only contiguous tensors; with --model.channels_last, LoRA convolutions are channels-last
+    layers = {
+        key: value.contiguous() for key, value in convert_state_dict_to_diffusers(policy.lora_state_dict()).items()
+    }
     StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, weight_name=LORA_WEIGHT_NAME)
     return directory / LORA_WEIGHT_NAME
 

@@ -28,6 +28,7 @@ from gflowdiff.data import DeferredPromptBatch
 from gflowdiff.evaluation import EvaluationConfig, Evaluator, sample_pair, side_by_side
 from gflowdiff.flow_head import FlowHead, FlowHeadConfig
 from gflowdiff.images import image_grid
+from gflowdiff.memory_layout import use_channels_last
 from gflowdiff.objectives.base import Objective, ObjectiveContext
 from gflowdiff.policy import DiffusionPolicy, LoRAConfig
 from gflowdiff.rewards.base import Reward
@@ -83,6 +84,8 @@ class GFlowDiffModule(L.LightningModule):
             on CPU compiling takes far longer. Kernels are cached in ``TORCHINDUCTOR_CACHE_DIR`` for restarts.
         compile_scope: ``whole`` compiles the UNet as one graph, ``blocks`` its repeated blocks (less compile
             time; fewer fusions).
+        channels_last: store the convolution weights of the UNet, VAE, flow head and reward channels-last
+            (memory_layout.py); same math, faster convolutions on CPU (measured) and, usually, on GPU.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class GFlowDiffModule(L.LightningModule):
         evaluation: EvaluationConfig = EvaluationConfig(),  # noqa: B008
         compile: bool = False,
         compile_scope: CompileScope = "whole",
+        channels_last: bool = False,
     ):
         super().__init__()
         if train_batch_size < 1:
@@ -143,6 +147,8 @@ class GFlowDiffModule(L.LightningModule):
             if objective.uses_flow_head
             else None
         )
+        if channels_last:  # before compiling: the compiled graphs see the final layout
+            use_channels_last(self.policy, self.flow_head, self.reward)
         if compile:
             compile_networks(self.policy, self.flow_head, self.reward, scope=compile_scope)
         self.trainable_names = {name for name, p in self.named_parameters() if p.requires_grad}
