@@ -11,6 +11,8 @@ from torch._dynamo.utils import counters
 
 from gflowdiff.objectives import ResidualNablaDB
 
+COMPILE_ON_CPU = ["--model.compile", "true", "--model.compile_backend", "aot_eager_decomp_partition"]
+
 
 @pytest.fixture(scope="module", autouse=True)
 def fresh_dynamo():
@@ -42,22 +44,29 @@ def test_compile_option_compiles_in_place_and_keeps_parameter_names(tiny_sd_path
     assert module.state_dict().keys() == eager.state_dict().keys()  # checkpoints load either way
 
 
+def test_unknown_compile_backend_names_the_option(tiny_sd_path):
+    from gflowdiff.cli import main
+    from tests.test_module import tiny_fit_args
+
+    args = [*tiny_fit_args(tiny_sd_path, tiny_sd_path.parent / "unused"), "--model.compile", "true"]
+    with pytest.raises(ValueError, match=r"--model.compile_backend: unknown backend 'inductr'; known: .*inductor"):
+        main([*args, "--model.compile_backend", "inductr"])
+
+
 @pytest.mark.slow
-def test_fit_with_compile_logs_the_eager_runs_losses_and_metrics(tiny_sd_path, tmp_path, monkeypatch):
+def test_fit_with_compile_logs_the_eager_runs_losses_and_metrics(tiny_sd_path, tmp_path):
     """``gflowdiff fit --model.compile true``, residual ∇-DB in adjacent pairs: two optimizer steps (rollouts, the
     fused passes, validation, checkpoints) log the eager run's losses, rewards and validation metrics.
 
     Not the weights: compiled kernels reassociate fp32 sums (~1e-5 relative in the loss), and Adam turns the sign of
     a near-zero gradient entry into a full ±lr step, so zero-initialised weights differ by a few % after two steps.
     """
-    from gflowdiff import compilation
     from gflowdiff.cli import main
     from tests.test_module import tiny_fit_args
 
-    monkeypatch.setattr(compilation, "DEFAULT_BACKEND", "aot_eager_decomp_partition")
     pairs = ["--model.objective.init_args.adjacent_pairs", "true"]
     eager = main([*tiny_fit_args(tiny_sd_path, tmp_path / "eager"), *pairs])
-    compiled = main([*tiny_fit_args(tiny_sd_path, tmp_path / "compiled"), *pairs, "--model.compile", "true"])
+    compiled = main([*tiny_fit_args(tiny_sd_path, tmp_path / "compiled"), *pairs, *COMPILE_ON_CPU])
     policy = compiled.model.policy
     assert policy.unet._compiled_call_impl is not None and counters["stats"]["calls_captured"] > 0
     assert compiled.trainer.global_step == eager.trainer.global_step == 2

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 CompileScope = Literal["blocks", "whole"]
-DEFAULT_BACKEND = "inductor"  # tests swap in "aot_eager_decomp_partition": the same graphs, no code generation
+DEFAULT_BACKEND = "inductor"  # CPU tests use "aot_eager_decomp_partition": the same graphs, no code generation
 # the UNet's repeated blocks: attention (with the LoRA layers) and ResNet blocks, nearly all of its work
 UNET_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 
@@ -33,7 +33,7 @@ def compile_networks(
     policy: nn.Module,
     flow_head: nn.Module | None,
     reward: nn.Module,
-    backend: str | None = None,
+    backend: str = DEFAULT_BACKEND,
     include_reward: bool = True,
     scope: CompileScope = "whole",
 ) -> list[str]:
@@ -45,6 +45,9 @@ def compile_networks(
     """
     if scope not in ("blocks", "whole"):
         raise ValueError(f"--model.compile_scope must be blocks or whole, got {scope!r}")
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(f"--model.compile_backend: unknown backend {backend!r}; known: {', '.join(known)}")
     # The objectives take several vector-Jacobian products through one graph (retain_graph=True); AOTAutograd's
     # buffer donation assumes a single backward and refuses that.
     torch._functorch.config.donated_buffer = False
@@ -66,7 +69,7 @@ def compile_networks(
         if next(child.parameters(), None) is not None:
             networks[f"reward.{name}"] = child
     for network in networks.values():
-        network.compile(backend=backend or DEFAULT_BACKEND)
+        network.compile(backend=backend)
     return list(networks)
 
 

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from gflowdiff.checkpointing import TRAINABLE_STATE_KEY, export_lora, restore_trainable_state, trainable_state
-from gflowdiff.compilation import CompileScope, compile_networks
+from gflowdiff.compilation import DEFAULT_BACKEND, CompileScope, compile_networks
 from gflowdiff.data import DeferredPromptBatch
 from gflowdiff.evaluation import EvaluationConfig, Evaluator, sample_pair, side_by_side
 from gflowdiff.flow_head import FlowHead, FlowHeadConfig
@@ -84,6 +84,8 @@ class GFlowDiffModule(L.LightningModule):
             on CPU compiling takes far longer. Kernels are cached in ``TORCHINDUCTOR_CACHE_DIR`` for restarts.
         compile_scope: ``whole`` compiles the UNet as one graph, ``blocks`` its repeated blocks (less compile
             time; fewer fusions).
+        compile_backend: torch.compile backend; ``aot_eager_decomp_partition`` captures the same graphs without
+            generating code (minutes faster on CPU; for checking that a setup compiles, not for speed).
         channels_last: store the convolution weights of the UNet, VAE, flow head and reward channels-last
             (memory_layout.py); same math, faster convolutions on CPU (measured) and, usually, on GPU.
     """
@@ -112,6 +114,7 @@ class GFlowDiffModule(L.LightningModule):
         evaluation: EvaluationConfig = EvaluationConfig(),  # noqa: B008
         compile: bool = False,
         compile_scope: CompileScope = "whole",
+        compile_backend: str = DEFAULT_BACKEND,
         channels_last: bool = False,
     ):
         super().__init__()
@@ -150,7 +153,7 @@ class GFlowDiffModule(L.LightningModule):
         if channels_last:  # before compiling: the compiled graphs see the final layout
             use_channels_last(self.policy, self.flow_head, self.reward)
         if compile:
-            compile_networks(self.policy, self.flow_head, self.reward, scope=compile_scope)
+            compile_networks(self.policy, self.flow_head, self.reward, backend=compile_backend, scope=compile_scope)
         self.trainable_names = {name for name, p in self.named_parameters() if p.requires_grad}
         self.rollouts_done = 0
         self.rollout_buffer: Rollout | None = None
