@@ -14,11 +14,13 @@ the check samples 100k fine-tuned trajectories with ``sample_rollout`` (Monte-Ca
 
 Tolerances (max |error| over the entries of μ and Σ) and the errors measured with these seeds:
 
-    case       w_B   mean: tol / measured / pretrained gap   cov: tol / measured / pretrained gap
-    linear     1     0.03 / 0.007 / 0.54                     0.02 / 0.003 / 0 (the tilt moves only the mean)
-    quadratic  10    0.05 / 0.007 / 0.54                     0.06 / 0.033 / 0.42
+    case                       w_B   mean: tol / measured / pretrained gap   cov: tol / measured / pretrained gap
+    linear                     1     0.03 / 0.007 / 0.54                     0.02 / 0.003 / 0 (tilt moves only the mean)
+    quadratic                  10    0.05 / 0.007 / 0.54                     0.06 / 0.033 / 0.42
+    quadratic, g_φ detached    1     0.05 / 0.006 / 0.54                     0.03 / 0.021 / 0.42
 
-(Training seeds 0, 1, 2: linear 0.007 / 0.003 each; quadratic mean 0.007–0.020, cov 0.031–0.033.) The check fails,
+(Training seeds 0, 1, 2: linear 0.007 / 0.003 each; quadratic mean 0.007–0.020, cov 0.031–0.033; quadratic with g_φ
+detached mean 0.006–0.027, cov 0.019–0.021.) The check fails,
 measured, when the objective's β is doubled (quadratic: mean error 0.18), when the prior forgets ``reference()``
 (0.44) or when the prior's reverse score changes sign (0.52).
 
@@ -30,8 +32,9 @@ Known limits, measured on this problem (they set the tolerances and the choice o
 * That mismatch leaves an irreducible forward residual ≈ σ_k·H_k·z. Since g_φ is trained through the forward target
   (not detached, as in the reference), its gradient shrinks g_φ's curvature at every step, by ∝ σ_k²/w_B, and the
   shrinkage compounds along the chain (Σ_k σ_k² does not fall with T). Trained Σ error: 0.10 with w_B = 1 (at T = 10,
-  20 and 40 alike), 0.031 with w_B = 10, 0.021 with w_B = 100, and 0.019 (the floor) with g_φ detached in the
-  forward target. So the quadratic case trains with w_B = 10.
+  20 and 40 alike), 0.031 with w_B = 10, 0.021 with w_B = 100, and 0.019–0.021 (the floor; seeds 0–2) with g_φ
+  detached in the forward target (``detach_flow_in_forward_target``), whose mean converges more slowly (0.006–0.027
+  here; 0.007–0.036 for the linear reward). So the quadratic case trains with w_B = 10, and once more detached.
 * ``transition_weighting="variance"`` has the same optimum but converges far more slowly here (same budget: μ error
   0.077 instead of 0.008 for the linear reward; Σ error 0.26 for the quadratic one at w_B = 1). g_φ(·, t_{k+1}) is
   fit by the forward residual of step k (weight σ_k⁴ in the loss) and the reverse residual of step k+1 (σ_{k+1}⁴):
@@ -245,7 +248,9 @@ ROLLOUTS, ROLLOUT_SIZE, STEPS_PER_ROLLOUT, LR = 150, 64, 4, 3e-2
 NUM_SAMPLES = 100_000
 
 
-def train(reward: QuadraticReward, reverse_loss_scale: float, seed: int = 0) -> GaussianPolicy:
+def train(
+    reward: QuadraticReward, reverse_loss_scale: float, seed: int = 0, detach_flow: bool = False
+) -> GaussianPolicy:
     """Adam on fresh on-policy rollouts, as ``GFlowDiffModule.training_step`` does with optimizer_steps_per_rollout=4:
     sample, ``objective.transitions`` (all 20 steps + the terminal one), one optimizer step per chunk."""
     policy = GaussianPolicy()
@@ -255,6 +260,7 @@ def train(reward: QuadraticReward, reverse_loss_scale: float, seed: int = 0) -> 
         reverse_loss_scale=reverse_loss_scale,
         transition_weighting="none",
         timestep_fraction=1.0,
+        detach_flow_in_forward_target=detach_flow,
     )
     objective.check_compatible(reward)
     optimizer = torch.optim.Adam([*policy.parameters(), *flow_head.parameters()], lr=LR)
@@ -374,11 +380,11 @@ def test_exact_linear_optimum_zeroes_the_real_loss(weighting, pass_structure):
 
 
 @pytest.mark.parametrize(
-    ("case", "reverse_loss_scale", "mean_tol", "cov_tol"),
-    [(LINEAR, 1.0, 0.03, 0.02), (QUADRATIC, 10.0, 0.05, 0.06)],
-    ids=["linear", "quadratic"],
+    ("case", "reverse_loss_scale", "detach_flow", "mean_tol", "cov_tol"),
+    [(LINEAR, 1.0, False, 0.03, 0.02), (QUADRATIC, 10.0, False, 0.05, 0.06), (QUADRATIC, 1.0, True, 0.05, 0.03)],
+    ids=["linear", "quadratic", "quadratic-detached-flow"],
 )
-def test_residual_nabla_db_samples_the_tilted_gaussian(case, reverse_loss_scale, mean_tol, cov_tol):
+def test_residual_nabla_db_samples_the_tilted_gaussian(case, reverse_loss_scale, detach_flow, mean_tol, cov_tol):
     reward = QuadraticReward(**case)
     pretrained_mean, pretrained_cov, target_mean, target_cov = target_moments(reward)
     # Not vacuous: the pretrained sampler is many tolerances away from the target (mean gap 0.54 = 18 / 11 tolerances;
@@ -388,9 +394,55 @@ def test_residual_nabla_db_samples_the_tilted_gaussian(case, reverse_loss_scale,
         assert max_error(pretrained_cov, target_cov) > 5 * cov_tol
         # The fixed-variance policy cannot do better than this (0.020; see the module docstring).
         floor_mean, floor_cov = fixed_variance_floor(reward)
-        assert max_error(floor_cov, target_cov) < cov_tol / 2 and max_error(floor_mean, target_mean) < mean_tol / 4
+        assert max_error(floor_cov, target_cov) < 0.7 * cov_tol and max_error(floor_mean, target_mean) < mean_tol / 4
 
-    policy = train(reward, reverse_loss_scale)
+    policy = train(reward, reverse_loss_scale, detach_flow=detach_flow)
     mean, cov = sampled_moments(policy, seed=1)
     mean_error, cov_error = max_error(mean, target_mean), max_error(cov, target_cov)
     assert mean_error < mean_tol and cov_error < cov_tol, (mean_error, cov_error, mean, cov, target_mean, target_cov)
+
+
+def test_detached_flow_in_forward_target_leaves_the_flow_head_to_the_reverse_condition():
+    """``detach_flow_in_forward_target`` changes only what trains g_φ: the loss and the policy's gradient are the same,
+    and on non-terminal transitions g_φ's gradient is then the reverse term's alone, so it scales with w_B."""
+    reward = QuadraticReward(**QUADRATIC)
+    policy = GaussianPolicy()
+    flow_head = AffineFlowHead(policy)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # every term of the loss live
+        for parameter in [*policy.parameters(), *flow_head.parameters()]:
+            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    rollout = sample_rollout(policy, [""] * 16, reward, SAMPLER, generator)
+    transitions = ResidualNablaDB(timestep_fraction=1.0).transitions(rollout, generator)
+    chunk = transitions.select((~transitions.is_terminal).nonzero().squeeze(1))
+
+    def loss_and_gradients(detach: bool, reverse_loss_scale: float) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        objective = ResidualNablaDB(
+            reward_scale=BETA,
+            reverse_loss_scale=reverse_loss_scale,
+            timestep_fraction=1.0,
+            detach_flow_in_forward_target=detach,
+        )
+        policy.zero_grad(set_to_none=True)
+        flow_head.zero_grad(set_to_none=True)
+        loss = objective.loss(chunk, ObjectiveContext(policy, reward, SAMPLER, flow_head, generator)).loss
+        loss.backward()
+        return loss.detach(), [p.grad for p in policy.parameters()], [p.grad for p in flow_head.parameters()]
+
+    loss, policy_grads, flow_grads = loss_and_gradients(detach=False, reverse_loss_scale=1.0)
+    detached_loss, detached_policy_grads, detached_flow_grads = loss_and_gradients(detach=True, reverse_loss_scale=1.0)
+    torch.testing.assert_close(detached_loss, loss)
+    for detached, reference in zip(detached_policy_grads, policy_grads, strict=True):
+        torch.testing.assert_close(detached, reference)
+    assert not all(torch.allclose(d, r) for d, r in zip(detached_flow_grads, flow_grads, strict=True))
+
+    _, _, detached_double = loss_and_gradients(detach=True, reverse_loss_scale=2.0)
+    for double, single in zip(detached_double, detached_flow_grads, strict=True):
+        torch.testing.assert_close(double, 2 * single)
+    _, _, double = loss_and_gradients(detach=False, reverse_loss_scale=2.0)  # the forward target adds its own part
+    assert not all(torch.allclose(d, 2 * s, rtol=1e-3) for d, s in zip(double, flow_grads, strict=True))
+
+
+def test_detached_flow_needs_the_reverse_condition():
+    with pytest.raises(ValueError, match="detach_flow_in_forward_target needs --model.objective.reverse_loss_scale"):
+        ResidualNablaDB(reverse_loss_scale=0.0, detach_flow_in_forward_target=True)

@@ -28,6 +28,7 @@ class NablaDB(GradientDBObjective):
         low_variance_subsampling: stratify the trained steps over contiguous chunks.
         pass_structure: ``fused`` (default, faster) or ``reference`` (the reference code's passes); same loss.
         adjacent_pairs: train steps in adjacent pairs, which the fused structure computes with fewer passes.
+        detach_flow_in_forward_target: train g_φ by the reverse and terminal conditions only (same optimum).
     """
 
     def prior_scores(

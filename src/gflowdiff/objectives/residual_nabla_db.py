@@ -35,6 +35,7 @@ class ResidualNablaDB(GradientDBObjective):
         low_variance_subsampling: stratify the trained steps over contiguous chunks.
         pass_structure: ``fused`` (default, faster) or ``reference`` (the reference code's passes); same loss.
         adjacent_pairs: train steps in adjacent pairs, which the fused structure computes with fewer passes.
+        detach_flow_in_forward_target: train g_φ by the reverse and terminal conditions only (same optimum).
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class ResidualNablaDB(GradientDBObjective):
         low_variance_subsampling: bool = True,
         pass_structure: PassStructure = "fused",
         adjacent_pairs: bool = False,
+        detach_flow_in_forward_target: bool = False,
     ):
         super().__init__(
             reward_scale=reward_scale,
@@ -64,6 +66,7 @@ class ResidualNablaDB(GradientDBObjective):
             low_variance_subsampling=low_variance_subsampling,
             pass_structure=pass_structure,
             adjacent_pairs=adjacent_pairs,
+            detach_flow_in_forward_target=detach_flow_in_forward_target,
         )
         if pretrained_strength < 0:
             raise ValueError("--model.objective.pretrained_strength must be >= 0")
