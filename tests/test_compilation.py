@@ -49,8 +49,10 @@ def test_unknown_compile_backend_names_the_option(tiny_sd_path):
     from tests.test_module import tiny_fit_args
 
     args = [*tiny_fit_args(tiny_sd_path, tiny_sd_path.parent / "unused"), "--model.compile", "true"]
+    # checked before any loading: a missing model folder is not reached
+    args += ["--model.pretrained_model", str(tiny_sd_path.parent / "missing"), "--model.compile_backend", "inductr"]
     with pytest.raises(ValueError, match=r"--model.compile_backend: unknown backend 'inductr'; known: .*inductor"):
-        main([*args, "--model.compile_backend", "inductr"])
+        main(args)
 
 
 @pytest.mark.slow

@@ -29,6 +29,15 @@ DEFAULT_BACKEND = "inductor"  # CPU tests use "aot_eager_decomp_partition": the 
 UNET_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 
 
+def check_compile_options(backend: str, scope: str) -> None:
+    """Fail early, naming the option, on an unknown backend or scope."""
+    if scope not in ("blocks", "whole"):
+        raise ValueError(f"--model.compile_scope must be blocks or whole, got {scope!r}")
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(f"--model.compile_backend: unknown backend {backend!r}; known: {', '.join(known)}")
+
+
 def compile_networks(
     policy: nn.Module,
     flow_head: nn.Module | None,
@@ -43,11 +52,7 @@ def compile_networks(
     The reward is compiled per child module, not as a whole: its ``__call__`` takes a list of prompts that may go
     through a tokenizer, which would only cause graph breaks.
     """
-    if scope not in ("blocks", "whole"):
-        raise ValueError(f"--model.compile_scope must be blocks or whole, got {scope!r}")
-    known = torch._dynamo.list_backends(exclude_tags=())
-    if backend not in known:
-        raise ValueError(f"--model.compile_backend: unknown backend {backend!r}; known: {', '.join(known)}")
+    check_compile_options(backend, scope)
     # The objectives take several vector-Jacobian products through one graph (retain_graph=True); AOTAutograd's
     # buffer donation assumes a single backward and refuses that.
     torch._functorch.config.donated_buffer = False

@@ -1,9 +1,9 @@
 """Channels-last memory layout for the convolutional networks (issue 7: speed without changing the math).
 
 oneDNN's CPU convolutions and cuDNN's tensor-core kernels work in NHWC ("channels last") and otherwise convert the
-layout around each convolution. Converting the weights is enough: a
-convolution with channels-last weights returns a channels-last output, so the layout carries through the network
-and its backward passes. Values are the same up to float round-off (the kernels sum in another order).
+layout around each convolution. Converting the weights is enough: a convolution with channels-last weights returns a
+channels-last output, so the layout carries through the network and its backward passes. Values are the same up to
+float round-off (the kernels sum in another order).
 
 Measured on this project's 2-core CPU (2026-11-26, fp32): `make demo` trains in 224 s instead of 239 s, with the same
 figures; `make benchmark` prints the step and rollout times (README, Performance). Not measured on GPU, where

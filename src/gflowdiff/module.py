@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from gflowdiff.checkpointing import TRAINABLE_STATE_KEY, export_lora, restore_trainable_state, trainable_state
-from gflowdiff.compilation import DEFAULT_BACKEND, CompileScope, compile_networks
+from gflowdiff.compilation import DEFAULT_BACKEND, CompileScope, check_compile_options, compile_networks
 from gflowdiff.data import DeferredPromptBatch
 from gflowdiff.evaluation import EvaluationConfig, Evaluator, sample_pair, side_by_side
 from gflowdiff.flow_head import FlowHead, FlowHeadConfig
@@ -125,6 +125,8 @@ class GFlowDiffModule(L.LightningModule):
         if max_grad_norm < 0:
             raise ValueError("--model.max_grad_norm must be >= 0")
         objective.check_compatible(reward)  # before any heavy loading
+        if compile:
+            check_compile_options(compile_backend, compile_scope)
         self.save_hyperparameters(ignore=["optimizer"])
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trainable state (checkpointing.py)
