@@ -9,7 +9,7 @@
 #   TF32=1              TF32 matmuls for the fp32 networks
 #   CHANNELS_LAST=1     after the eager structures, time them again with channels-last networks (the compiled pairs
 #                       then compile the channels-last networks)
-#   COMPILE=0           eager only: a short call (~2 minutes of the 10) for TF32 / channels-last comparisons
+#   COMPILE=0           eager only, for TF32 / channels-last comparisons (a short call; not yet timed on a GPU)
 #   BATCHES="4 8"       more batch sizes (each compiles again at its first call)
 #   COMPILED_BATCHES=8  time only these sizes compiled (next to measure: compiled pairs at B = 8 against the
 #                       reference structure at B = 4)
