@@ -200,6 +200,19 @@ def transition_figures(
     return figures
 
 
+def time_variant(
+    module: GFlowDiffModule,
+    batches: dict[int, dict[str, object]],
+    figures: dict[int, dict[str, dict[str, float]]],
+    batch_sizes: list[int],
+    names: list[str],
+    repeats: int,
+) -> None:
+    """Add the figures of ``names`` (structures of a variant: ``+channels_last``, ``+compile``) at each batch size."""
+    for batch_size in batch_sizes:
+        figures[batch_size] |= transition_figures(module, batches[batch_size], repeats, names)
+
+
 def table_header(names: list[str]) -> list[str]:
     columns = [f"{LABELS[name]} (transitions/s)" + ("" if name == "reference" else " | speed-up") for name in names]
     arrows = " → ".join(SHORT[name] for name in names)
@@ -345,10 +358,7 @@ def main() -> None:
                       flush=True)  # fmt: skip
                 channels_last_names = [f"{name}+channels_last" for name in args.structures]
                 names += channels_last_names
-                for batch_size in args.batch_sizes:
-                    figures[batch_size] |= transition_figures(
-                        module, batches[batch_size], args.repeats, channels_last_names
-                    )
+                time_variant(module, batches, figures, args.batch_sizes, channels_last_names, args.repeats)
                 if args.rollout_batch:
                     channels_last_rollout = rollout_figures(module, args.rollout_batch, args.repeats, merged=False)
             compiled_rollout = None
@@ -360,8 +370,8 @@ def main() -> None:
                 )  # fmt: skip
                 print("  compiling:", describe(compiled), flush=True)
                 names += compiled_names
-                for batch_size in args.compiled_batch_sizes or args.batch_sizes:
-                    figures[batch_size] |= transition_figures(module, batches[batch_size], args.repeats, compiled_names)
+                sizes = args.compiled_batch_sizes or args.batch_sizes
+                time_variant(module, batches, figures, sizes, compiled_names, args.repeats)
                 if args.rollout_batch:
                     started = time.perf_counter()
                     compiled_rollout = rollout_figures(module, args.rollout_batch, args.repeats, merged=False)
@@ -379,14 +389,11 @@ def main() -> None:
                 emit(
                     f"\nrollout, {args.rollout_batch} trajectories, LoRA unmerged: {rollout['unmerged']:.2f} samples/s"
                 )
-            if channels_last_rollout:
-                c = channels_last_rollout["unmerged"]
-                emit(f"rollout channels-last, LoRA unmerged: {c:.2f} samples/s ({c / rollout['unmerged']:.2f}× the "
-                     "eager unmerged rollout)")  # fmt: skip
-            if compiled_rollout:
-                c = compiled_rollout["unmerged"]
-                emit(f"rollout compiled, LoRA unmerged: {c:.2f} samples/s ({c / rollout['unmerged']:.2f}× the eager "
-                     "unmerged rollout)")  # fmt: skip
+            for label, variant in (("channels-last", channels_last_rollout), ("compiled", compiled_rollout)):
+                if variant:
+                    c = variant["unmerged"]
+                    emit(f"rollout {label}, LoRA unmerged: {c:.2f} samples/s ({c / rollout['unmerged']:.2f}× the "
+                         "eager unmerged rollout)")  # fmt: skip
             if args.components:
                 for batch_size in args.batch_sizes:
                     c = component_figures(module, batch_size, args.repeats)
