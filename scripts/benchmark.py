@@ -3,10 +3,11 @@ samples per second with the LoRA merged and unmerged, and peak memory.
 
 Models (nothing downloaded): ``digits`` (the embedded model), ``tiny-sd`` (a tiny random SD pipeline), ``sd15``
 (SD-1.5's architecture with random weights, bf16, 512×512, CFG 5, 50 steps, a CLIP-L aesthetic reward; for a GPU).
-Both pass structures compute the same loss (tests/test_pass_structure.py), so their ratio is the speed-up of
+All pass structures compute the same loss (tests/test_pass_structure.py), so their ratio is the speed-up of
 gflowdiff's passes over the reference code's (method.md §3.1), measured in one run on one machine. ``pairs`` is the
-fused structure on B/2 pairs of adjacent transitions (``adjacent_pairs: true``), which share a state. Prints markdown
-tables; ``--components`` adds the time of a UNet and a VAE-decoder forward + input-gradient backward.
+fused structure on B/2 pairs of adjacent transitions (``adjacent_pairs: true``), which share a state; ``stacked`` and
+``stacked_pairs`` batch the three UNet passes of the fused structure into one call (``pass_structure: stacked``).
+Prints markdown tables; ``--components`` adds the time of a UNet and a VAE-decoder forward + input-gradient backward.
 
     python scripts/benchmark.py --models digits tiny-sd --batch-sizes 4 16
     python scripts/benchmark.py --models sd15 --batch-sizes 1 2 4 8          # on a GPU
@@ -167,11 +168,11 @@ def transition_figures(
     context = module.context(torch.Generator().manual_seed(0))
     figures = {}
     for structure in structures:
-        base = structure.split("+")[0]
-        if base == "pairs" and batch_size % 2:
+        pass_structure, kind = STRUCTURES[structure.split("+")[0]]
+        if kind == "pairs" and batch_size % 2:
             continue
-        module.objective.pass_structure = "fused" if base == "pairs" else base
-        batch = batches["pairs"] if base == "pairs" else batches["single"]
+        module.objective.pass_structure = pass_structure
+        batch = batches[kind]
 
         def train_step(batch=batch):
             with autocast():
@@ -239,7 +240,21 @@ def table_row(batch_size: int, figures: dict[str, dict[str, float]], names: list
     )
 
 
-_EAGER_LABELS = {"reference": "reference structure", "fused": "fused", "pairs": "fused, adjacent pairs"}
+# benchmark name → (the objective's pass_structure, which batch: single steps or adjacent pairs)
+STRUCTURES = {
+    "reference": ("reference", "single"),
+    "fused": ("fused", "single"),
+    "pairs": ("fused", "pairs"),
+    "stacked": ("stacked", "single"),
+    "stacked_pairs": ("stacked", "pairs"),
+}
+_EAGER_LABELS = {
+    "reference": "reference structure",
+    "fused": "fused",
+    "pairs": "fused, adjacent pairs",
+    "stacked": "stacked",
+    "stacked_pairs": "stacked, adjacent pairs",
+}
 LABELS = (
     _EAGER_LABELS
     | {f"{name}+channels_last": f"{label}, channels-last" for name, label in _EAGER_LABELS.items()}
@@ -291,8 +306,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["digits", "tiny-sd"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[4, 16])
     parser.add_argument("--rollout-batch", type=int, default=8, help="trajectories per timed rollout (0: skip)")
-    parser.add_argument("--structures", nargs="+", default=["reference", "fused", "pairs"],
-                        choices=["reference", "fused", "pairs"])  # fmt: skip
+    parser.add_argument("--structures", nargs="+", default=["reference", "fused", "pairs", "stacked_pairs"],
+                        choices=list(STRUCTURES))  # fmt: skip
     parser.add_argument("--steps", type=int, default=0, help="sampler steps (default: 20, 50 for sd15)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lora-scale", type=float, default=0.01, help="std of the random LoRA B / flow head output")
@@ -308,7 +323,7 @@ def main() -> None:
         help="then torch.compile the networks and time --compiled-structures and the rollout again",
     )
     parser.add_argument("--compiled-structures", nargs="+", default=["pairs", "fused", "reference"],
-                        choices=["reference", "fused", "pairs"])  # fmt: skip
+                        choices=list(STRUCTURES))  # fmt: skip
     parser.add_argument("--compiled-batch-sizes", nargs="+", type=int, default=None,
                         help="of --batch-sizes, those timed compiled (default: all; each compiles)")  # fmt: skip
     parser.add_argument("--rollout-merged", action=argparse.BooleanOptionalAction, default=True,

@@ -1,5 +1,6 @@
-"""The fused pass structure computes the same loss and gradients as the reference code's structure (method.md §3.1),
-and sampling with the LoRA merged into the base weights is the unmerged sampler, restoring the weights exactly."""
+"""The fused and stacked pass structures compute the same loss and gradients as the reference code's structure
+(method.md §3.1), and sampling with the LoRA merged into the base weights is the unmerged sampler, restoring the
+weights exactly."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def loss_and_gradients(module, chunk, structure: str):
     ],
     ids=["residual", "variance-rho", "forward-only-no-flow-head", "nabla-db-no-guess", "adjacent-pairs"],
 )
-def test_fused_structure_equals_reference_structure(tiny_sd_path, objective):
+@pytest.mark.parametrize("structure", ["fused", "stacked"])
+def test_structure_equals_reference_structure(tiny_sd_path, objective, structure):
     torch.manual_seed(0)
     module = perturbed_module(tiny_sd_path, objective)
     rollout = sample_rollout(module.policy, PROMPTS, module.reward, SAMPLER, torch.Generator().manual_seed(3))
@@ -66,7 +68,7 @@ def test_fused_structure_equals_reference_structure(tiny_sd_path, objective):
     assert len(shared_state_order(chunk.trajectory, chunk.step)[1]) > 0
 
     reference, reference_grads = loss_and_gradients(module, chunk, "reference")
-    fused, fused_grads = loss_and_gradients(module, chunk, "fused")
+    fused, fused_grads = loss_and_gradients(module, chunk, structure)
 
     assert float(reference.loss.detach()) > 0
     torch.testing.assert_close(fused.loss, reference.loss, rtol=1e-5, atol=0)
@@ -92,9 +94,10 @@ def test_shared_state_order_puts_shared_states_first():
     assert shared_state_order(torch.tensor([0, 1]), torch.tensor([2, 3]))[1].numel() == 0  # other trajectories
 
 
-def test_adjacent_pairs_save_decoder_passes(tiny_sd_path):
-    """With adjacent pairs the fused structure decodes (and differentiates the reward at) one state per pair fewer
-    than the reference structure, which decodes at x and at x' of every transition."""
+def test_adjacent_pairs_save_decoder_passes_and_stacked_makes_one_unet_call(tiny_sd_path):
+    """With adjacent pairs the fused and stacked structures decode (and differentiate the reward at) one state per
+    pair fewer than the reference structure, which decodes at x and at x' of every transition; the stacked structure
+    runs its three UNet passes as one call."""
     objective = ResidualNablaDB(adjacent_pairs=True)
     module = perturbed_module(tiny_sd_path, objective)
     rollout = sample_rollout(module.policy, PROMPTS, module.reward, SAMPLER, torch.Generator().manual_seed(3))
@@ -107,17 +110,26 @@ def test_adjacent_pairs_save_decoder_passes(tiny_sd_path):
         return decode(latents)
 
     module.policy.decode = counting_decode
-    counts = {}
-    for structure in ["reference", "fused"]:
+    unet_rows = []
+    module.policy.unet.register_forward_pre_hook(lambda unet, args: unet_rows.append(len(args[0])))
+    counts, calls = {}, {}
+    for structure in ["reference", "fused", "stacked"]:
         decoded_rows.clear()
+        unet_rows.clear()
         loss_and_gradients(module, chunk, structure)
         counts[structure] = sum(decoded_rows)
-    # reference: 4 transitions × (x and x') = 8 rows; fused: x' of all 4, x only of the 2 non-terminal rows = 6
-    assert counts == {"reference": 8, "fused": 6}
+        calls[structure] = unet_rows.copy()
+    # reference: 4 transitions × (x and x') = 8 rows; fused and stacked: x' of all 4, x only of the 2 rows whose x is
+    # not another row's x' = 6
+    assert counts == {"reference": 8, "fused": 6, "stacked": 6}
+    # UNet calls, rows doubled by CFG: the pretrained pass at x (4 transitions → 8 rows), the policy at x (8) and at
+    # the 2 non-terminal x' (4); stacked makes them one call of 20 rows
+    assert sorted(calls["fused"]) == sorted(calls["reference"]) == [4, 8, 8]
+    assert calls["stacked"] == [20]
 
 
 def test_unknown_pass_structure_names_the_option():
-    with pytest.raises(ValueError, match="--model.objective.pass_structure"):
+    with pytest.raises(ValueError, match="--model.objective.pass_structure must be fused, stacked or reference"):
         ResidualNablaDB(pass_structure="fast")
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from gflowdiff.adapter_rows import all_rows, lora_on_rows
 from gflowdiff.diffusion_math import alpha_bar
 
 EMBEDDED_MODELS = {"embedded:digits": "zoo/weights/digits"}
@@ -177,19 +178,34 @@ class DiffusionPolicy(nn.Module):
         return self.text_encoder(tokens.input_ids.to(self.unet.device))[0]
 
     def predict_noise(
-        self, x: Tensor, t: Tensor, prompt_embeds: Tensor, negative_embeds: Tensor, guidance_scale: float
+        self,
+        x: Tensor,
+        t: Tensor,
+        prompt_embeds: Tensor,
+        negative_embeds: Tensor,
+        guidance_scale: float,
+        lora_rows: Tensor | None = None,
     ) -> Tensor:
-        """CFG-combined ε̂ = ε_u + w·(ε_c − ε_u) in fp32, one UNet call on the batch [uncond; cond] (2B)."""
+        """CFG-combined ε̂ = ε_u + w·(ε_c − ε_u) in fp32, one UNet call on the batch [uncond; cond] (2B).
+
+        ``lora_rows`` (B,) bool: the LoRA acts only on these rows; the others get the pretrained policy's ε̂^#.
+        """
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         if guidance_scale == 1.0:
-            return self.unet(x.to(self.frozen_dtype), t, encoder_hidden_states=prompt_embeds).sample.float()
-        out = self.unet(
-            torch.cat([x, x]).to(self.frozen_dtype),
-            torch.cat([t, t]),
-            encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds]),
-        ).sample.float()
+            with self.lora_on_rows(lora_rows):
+                return self.unet(x.to(self.frozen_dtype), t, encoder_hidden_states=prompt_embeds).sample.float()
+        with self.lora_on_rows(None if lora_rows is None else torch.cat([lora_rows, lora_rows])):
+            out = self.unet(
+                torch.cat([x, x]).to(self.frozen_dtype),
+                torch.cat([t, t]),
+                encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds]),
+            ).sample.float()
         eps_uncond, eps_cond = out.chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+    def lora_on_rows(self, rows_on: Tensor | None) -> AbstractContextManager:
+        """:func:`gflowdiff.adapter_rows.lora_on_rows` on the UNet; nothing to do when every row has the LoRA."""
+        return nullcontext() if all_rows(rows_on) else lora_on_rows(self.unet, rows_on)
 
     @contextmanager
     def reference(self) -> Iterator[None]:

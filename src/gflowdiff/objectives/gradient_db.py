@@ -26,12 +26,13 @@ from gflowdiff.diffusion_math import (
     predicted_x0,
     reverse_score,
 )
+from gflowdiff.objectives._stacked_passes import stacked_passes
 from gflowdiff.objectives.base import Objective, ObjectiveContext
 from gflowdiff.types import ObjectiveOutput, Rollout, Transitions
 
 GuessWeighting = Literal["alpha_bar", "sqrt_alpha_bar", "one", "off"]
 TransitionWeighting = Literal["none", "variance"]
-PassStructure = Literal["fused", "reference"]
+PassStructure = Literal["fused", "stacked", "reference"]
 
 
 # ---- pure math ------------------------------------------------------------------------------------------------------
@@ -129,7 +130,9 @@ class GradientDBObjective(Objective):
         pass_structure: how the loss is computed, not what: ``fused`` (default) takes the policy's reverse score and
             the reward guess at x in one vector-Jacobian product, frees the x' pass before the x pass (one UNet
             graph alive at a time), and where a batch holds two transitions that meet at one state it runs the
-            VAE decoder and reward there once; ``reference`` re-creates the reference code's passes (method.md §3.1).
+            VAE decoder and reward there once; ``stacked`` computes the same with the UNet passes at x and x' (and the
+            pretrained pass at x) batched into one forward and one input-gradient backward, for GPUs that a B-row
+            pass leaves idle (more memory); ``reference`` re-creates the reference code's passes (method.md §3.1).
         adjacent_pairs: train steps in adjacent pairs (j, j + 1), see
             :func:`gflowdiff.subsampling.subsample_adjacent_pairs`, so that the fused structure saves one
             VAE-decoder + reward forward/backward per pair. Each transition's loss is unchanged; which transitions
@@ -142,6 +145,7 @@ class GradientDBObjective(Objective):
     """
 
     requires_reward_gradient = True
+    stacks_pretrained_pass = False  # True where the prior is the pretrained UNet (residual ∇-DB): see ``stacked``
 
     def __init__(
         self,
@@ -159,8 +163,10 @@ class GradientDBObjective(Objective):
         detach_flow_in_forward_target: bool = False,
     ):
         super().__init__()
-        if pass_structure not in ("fused", "reference"):
-            raise ValueError(f"--model.objective.pass_structure must be fused or reference, got {pass_structure!r}")
+        if pass_structure not in ("fused", "stacked", "reference"):
+            raise ValueError(
+                f"--model.objective.pass_structure must be fused, stacked or reference, got {pass_structure!r}"
+            )
         if reward_scale < 0:
             raise ValueError("--model.objective.reward_scale must be >= 0")
         if reverse_loss_scale < 0:
@@ -196,6 +202,10 @@ class GradientDBObjective(Objective):
         """Whether ∇_x log F(x) has the term β·γ_t·∇_x r(D(x̂0_θ(x, t))) (§2.4)."""
         return self.reward_guess_weighting != "off" and self.reward_scale > 0
 
+    def reward_guess_scale(self, abar: Tensor) -> Tensor:
+        """β·γ_t, the weight of the reward guess in ∇ log F (§2.4). Shape of ``abar``."""
+        return self.reward_scale * guess_weight(abar, self.reward_guess_weighting)
+
     def transitions(self, rollout: Rollout, generator: torch.Generator) -> Transitions:
         return rollout.subsampled_transitions(
             self.timestep_fraction, self.low_variance_subsampling, generator, self.adjacent_pairs
@@ -206,6 +216,13 @@ class GradientDBObjective(Objective):
         self, chunk: Transitions, ctx: ObjectiveContext, std: Tensor, abar_t: Tensor, abar_prev: Tensor
     ) -> _Scores:
         """Scores of the prior the policy's residual is measured against (reverse is None when w_B = 0)."""
+
+    def prior_from_pretrained_pass(
+        self, chunk: Transitions, std: Tensor, mean: Tensor, reverse: Tensor | None
+    ) -> _Scores:
+        """The prior's scores from the pretrained pass μ_#(x) and its reverse score, computed by the stacked passes
+        (only where ``stacks_pretrained_pass``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no pretrained pass")
 
     # ---- flow scores --------------------------------------------------------------------------------------------
     def reward_gradient(self, x: Tensor, x0_hat: Tensor, prompts: list[str], ctx: ObjectiveContext) -> Tensor:
@@ -336,7 +353,7 @@ class GradientDBObjective(Objective):
             total = -((chunk.x_next - mean) ** 2 / (2 * per_sample(std, mean) ** 2)).sum()
             if self.guesses_reward_at_x:
                 x0_hat = predicted_x0(x, at_x.eps, abar_t)
-                weight = self.reward_scale * guess_weight(abar_t, self.reward_guess_weighting)
+                weight = self.reward_guess_scale(abar_t)
                 n = 0 if pullback is None else len(pullback)
                 if n:
                     total = total + (weight[:n] * (x0_hat[:n] * pullback).flatten(1).sum(1)).sum()
@@ -365,11 +382,51 @@ class GradientDBObjective(Objective):
         mean = ddim_mean(x, eps, abar_t, abar_prev, std)
         return _PolicyPass(x, eps, mean, forward_score(chunk.x_next, mean, std))
 
+    def fused_structure_scores(
+        self,
+        chunk: Transitions,
+        ctx: ObjectiveContext,
+        std: Tensor,
+        abar_t: Tensor,
+        abar_prev: Tensor,
+        source: Tensor | None,
+    ) -> tuple[_Scores, _PolicyPass, Tensor, Tensor | None]:
+        """(prior scores, policy pass at x, ∇_{x'} r at the guess point, policy reverse score + reward guess at x).
+        The x' pass runs first and is freed, so only one UNet graph and one VAE graph are alive at a time."""
+        prior = self.prior_scores(chunk, ctx, std, abar_t, abar_prev)
+        guess_next, pullback_next = self.guess_next_gradient(chunk, ctx, abar_prev)
+        at_x = self.policy_pass(chunk, ctx, abar_t, abar_prev, std)
+        if self.reverse_loss_scale == 0:
+            return prior, at_x, guess_next, None
+        # x of the first rows is x' of rows source: their VAE-decoder + reward backward is already done
+        pullback = pullback_next[source] if source is not None and len(source) else None
+        return prior, at_x, guess_next, self.reverse_score_plus_guess(chunk, ctx, at_x, std, abar_t, pullback)
+
+    def stacked_structure_scores(
+        self,
+        chunk: Transitions,
+        ctx: ObjectiveContext,
+        std: Tensor,
+        abar_t: Tensor,
+        abar_prev: Tensor,
+        source: Tensor | None,
+    ) -> tuple[_Scores, _PolicyPass, Tensor, Tensor | None]:
+        """The same four as :meth:`fused_structure_scores`, from one stacked UNet forward and backward."""
+        passes = stacked_passes(self, chunk, ctx, std, abar_t, abar_prev, source)
+        if self.stacks_pretrained_pass:
+            prior = self.prior_from_pretrained_pass(chunk, std, passes.pretrained_mean, passes.pretrained_reverse)
+        else:
+            prior = self.prior_scores(chunk, ctx, std, abar_t, abar_prev)
+        at_x = _PolicyPass(
+            passes.x, passes.policy_eps, passes.policy_mean, forward_score(chunk.x_next, passes.policy_mean, std)
+        )
+        return prior, at_x, passes.guess_next, passes.reverse_plus_guess
+
     # ---- loss ---------------------------------------------------------------------------------------------------
     def loss(self, chunk: Transitions, ctx: ObjectiveContext) -> ObjectiveOutput:
-        fused = self.pass_structure == "fused" and not self.reverse_loss_trains_policy
+        structure = "reference" if self.reverse_loss_trains_policy else self.pass_structure
         source = None
-        if fused and self.reverse_loss_scale > 0 and self.guesses_reward_at_x:
+        if structure != "reference" and self.reverse_loss_scale > 0 and self.guesses_reward_at_x:
             order, source = shared_state_order(chunk.trajectory, chunk.step)
             if len(source):
                 # The loss is a mean over rows: reordering them changes nothing but puts the shared states first.
@@ -378,27 +435,28 @@ class GradientDBObjective(Objective):
         abar_t, abar_prev = policy.alpha_bar(chunk.t), policy.alpha_bar(chunk.t_prev)
         std = ddim_std(abar_t, abar_prev, sampler.eta)
 
-        prior = self.prior_scores(chunk, ctx, std, abar_t, abar_prev)
-
-        if fused:
-            # The x' pass runs first and is freed, so only one UNet graph and one VAE graph are alive at a time.
-            guess_next, pullback_next = self.guess_next_gradient(chunk, ctx, abar_prev)
-            at_x = self.policy_pass(chunk, ctx, abar_t, abar_prev, std)
-            flow_next, g_terminal = self.flow_from_guess_next(chunk, guess_next, ctx, abar_prev)
-            forward_residual = at_x.forward_score - prior.forward - flow_next
-            reverse_residual = None
-            if self.reverse_loss_scale > 0:
-                g_cur = ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds) if self.use_flow_head else 0.0
-                # policy_rev − prior_rev + flow_cur, with flow_cur = g_φ(x) + β·γ_t·∇_x r (method.md §2.3)
-                # x of the first rows is x' of rows source: their VAE-decoder + reward backward is already done
-                pullback = pullback_next[source] if source is not None and len(source) else None
-                policy_rev_plus_guess = self.reverse_score_plus_guess(chunk, ctx, at_x, std, abar_t, pullback)
-                reverse_residual = policy_rev_plus_guess - prior.reverse + g_cur
-        else:
+        if structure == "reference":
+            prior = self.prior_scores(chunk, ctx, std, abar_t, abar_prev)
             at_x = self.policy_pass(chunk, ctx, abar_t, abar_prev, std)
             forward_residual, reverse_residual, flow_next, g_terminal = self.reference_structure_residuals(
                 chunk, ctx, at_x, std, abar_t, abar_prev, prior
             )
+        else:
+            if structure == "stacked":
+                prior, at_x, guess_next, policy_rev_plus_guess = self.stacked_structure_scores(
+                    chunk, ctx, std, abar_t, abar_prev, source
+                )
+            else:
+                prior, at_x, guess_next, policy_rev_plus_guess = self.fused_structure_scores(
+                    chunk, ctx, std, abar_t, abar_prev, source
+                )
+            flow_next, g_terminal = self.flow_from_guess_next(chunk, guess_next, ctx, abar_prev)
+            forward_residual = at_x.forward_score - prior.forward - flow_next
+            reverse_residual = None
+            if policy_rev_plus_guess is not None:
+                g_cur = ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds) if self.use_flow_head else 0.0
+                # policy_rev − prior_rev + flow_cur, with flow_cur = g_φ(x) + β·γ_t·∇_x r (method.md §2.3)
+                reverse_residual = policy_rev_plus_guess - prior.reverse + g_cur
 
         weight = per_sample(transition_weight(std, self.transition_weighting), forward_residual)
         forward_residual = weight * forward_residual

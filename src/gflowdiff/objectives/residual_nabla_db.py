@@ -72,6 +72,8 @@ class ResidualNablaDB(GradientDBObjective):
             raise ValueError("--model.objective.pretrained_strength must be >= 0")
         self.pretrained_strength = pretrained_strength
 
+    stacks_pretrained_pass = True
+
     def prior_scores(
         self, chunk: Transitions, ctx: ObjectiveContext, std: Tensor, abar_t: Tensor, abar_prev: Tensor
     ) -> _Scores:
@@ -88,6 +90,12 @@ class ResidualNablaDB(GradientDBObjective):
             )
             mean = ddim_mean(x, eps, abar_t, abar_prev, std)
             reverse = reverse_score(x, chunk.x_next, mean, std).detach() if need_reverse else None
-        forward = forward_score(chunk.x_next, mean.detach(), std)
+        return self.prior_from_pretrained_pass(chunk, std, mean.detach(), reverse)
+
+    def prior_from_pretrained_pass(
+        self, chunk: Transitions, std: Tensor, mean: Tensor, reverse: Tensor | None
+    ) -> _Scores:
+        """ρ·(∇_{x'} log P_F^#(x'|x), ∇_x log P_F^#(x'|x)) from μ_#(x) and the unscaled reverse score."""
         rho = self.pretrained_strength
+        forward = forward_score(chunk.x_next, mean, std)
         return _Scores(forward=rho * forward, reverse=None if reverse is None else rho * reverse)
