@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU speed check for one 10-minute device call: SD-1.5's architecture with random weights, B = 4, bf16.
-# Eager reference structure vs fused adjacent pairs, then the same pairs with the networks compiled
-# (`--model.compile true`). Compiling takes most of the time (the first compiled pairs step at B = 4: 415 s on an
-# H100), so the reward is left eager here. Variables:
+# Eager reference structure vs fused and stacked adjacent pairs, then stacked pairs with the networks compiled
+# (`--model.compile true`). Compiling takes most of the time (the first compiled fused-pairs step at B = 4: 415 s on
+# an H100), so the reward is left eager here. Variables:
+#   STRUCTURES="reference pairs stacked_pairs"   eager structures (scripts/benchmark.py --structures)
+#   COMPILED_STRUCTURES=stacked_pairs            compiled structures (pairs: the fused structure measured before)
 #   ROLLOUT=1           also the rollout, eager vs compiled (the call then took more than 9 minutes on an H100)
 #   SCOPE=blocks        compile the UNet's repeated blocks instead of the whole UNet
 #   COMPILE_REWARD=1    compile the reward's networks too
@@ -26,9 +28,9 @@ if [ "$model" = sd15 ] && [ ! -f "$sd15/pipeline/model_index.json" ]; then
 fi
 rollout=$([ "${ROLLOUT:-0}" = 1 ] && echo 4 || echo 0)
 reward=$([ "${COMPILE_REWARD:-0}" = 1 ] && echo --compile-reward || echo --no-compile-reward)
-python3 scripts/benchmark.py --models "$model" --sd15-dir "$sd15" --batch-sizes ${BATCHES:-4} --structures reference pairs \
+python3 scripts/benchmark.py --models "$model" --sd15-dir "$sd15" --batch-sizes ${BATCHES:-4} --structures ${STRUCTURES:-reference pairs stacked_pairs} \
   --rollout-batch "$rollout" --no-rollout-merged --repeats 3 $([ "${CHANNELS_LAST:-0}" = 1 ] && echo --channels-last) \
-  $([ "${COMPILE:-1}" = 0 ] || echo --compile) --compiled-structures pairs "$reward" \
+  $([ "${COMPILE:-1}" = 0 ] || echo --compile) --compiled-structures ${COMPILED_STRUCTURES:-stacked_pairs} "$reward" \
   --compile-scope "${SCOPE:-whole}" --compile-backend "${BACKEND:-inductor}" $([ "${TF32:-0}" = 1 ] && echo --tf32) \
   ${COMPILED_BATCHES:+--compiled-batch-sizes $COMPILED_BATCHES} --out "$out/benchmark.md" >"$out/benchmark.log" 2>&1 || status=$?
 grep -v -i "warn\|^ *warnings\.\|Loading weights\|Writing model" "$out/benchmark.log" | tail -n 25

@@ -58,7 +58,8 @@ def test_unknown_compile_backend_names_the_option(tiny_sd_path):
 @pytest.mark.slow
 def test_fit_with_compile_logs_the_eager_runs_losses_and_metrics(tiny_sd_path, tmp_path):
     """``gflowdiff fit --model.compile true``, residual ∇-DB in adjacent pairs: two optimizer steps (rollouts, the
-    fused passes, validation, checkpoints) log the eager run's losses, rewards and validation metrics.
+    stacked passes with the LoRA masked per row, validation, checkpoints) log the eager fused run's losses, rewards and
+    validation metrics. (The compiled fused structure is checked by tests/test_ddp.py's opt-in compiled test.)
 
     Not the weights: compiled kernels reassociate fp32 sums (~1e-5 relative in the loss), and Adam turns the sign of
     a near-zero gradient entry into a full ±lr step, so zero-initialised weights differ by a few % after two steps.
@@ -67,8 +68,9 @@ def test_fit_with_compile_logs_the_eager_runs_losses_and_metrics(tiny_sd_path, t
     from tests.test_module import tiny_fit_args
 
     pairs = ["--model.objective.init_args.adjacent_pairs", "true"]
-    eager = main([*tiny_fit_args(tiny_sd_path, tmp_path / "eager"), *pairs])
-    compiled = main([*tiny_fit_args(tiny_sd_path, tmp_path / "compiled"), *pairs, *COMPILE_ON_CPU])
+    fused, stacked = (["--model.objective.init_args.pass_structure", name] for name in ("fused", "stacked"))
+    eager = main([*tiny_fit_args(tiny_sd_path, tmp_path / "eager"), *pairs, *fused])
+    compiled = main([*tiny_fit_args(tiny_sd_path, tmp_path / "compiled"), *pairs, *stacked, *COMPILE_ON_CPU])
     policy = compiled.model.policy
     assert policy.unet._compiled_call_impl is not None and counters["stats"]["calls_captured"] > 0
     assert compiled.trainer.global_step == eager.trainer.global_step == 2
