@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check: SD-1.5's architecture with random weights (built from configs), bf16, 512×512, CFG 5, 50 steps.
-#   1. scripts/benchmark.py: fused vs reference pass structure at B = 1, 2, 4, 8; merged vs unmerged rollout; components
+#   1. scripts/benchmark.py: reference, fused, pairs, stacked pairs at B = 1, 2, 4, 8; merged vs unmerged rollout; components
 #   2. a few `gflowdiff fit` steps of residual ∇-DB with --trainer.precision bf16-mixed (seconds per step, peak memory)
 # Usage (on a machine with a CUDA torch): bash scripts/gpu_check.sh OUT_DIR
 set -euo pipefail
