@@ -62,7 +62,8 @@ def autocast():
 
 
 def build_module(model: str, workdir: Path, args: argparse.Namespace) -> GFlowDiffModule:
-    objective = ResidualNablaDB(timestep_fraction=0.1, trust_region_scale=1.0)  # λ > 0 as in the reference runs
+    # λ > 0 as in the reference runs
+    objective = ResidualNablaDB(timestep_fraction=0.1, trust_region_scale=1.0, reward_chunk_size=args.reward_chunk_size)
     if model == "digits":
         module = GFlowDiffModule(
             objective=objective,
@@ -330,6 +331,8 @@ def main() -> None:
                         help="also time the rollout with the LoRA merged")  # fmt: skip
     parser.add_argument("--compile-reward", action=argparse.BooleanOptionalAction, default=True,
                         help="with --compile: also compile the reward's networks")  # fmt: skip
+    parser.add_argument("--reward-chunk-size", type=int, default=None,
+                        help="VAE decoder + reward on at most this many images at a time (less memory)")  # fmt: skip
     parser.add_argument("--tf32", action="store_true",
                         help="fp32 matmuls in TF32, as the reference code")  # fmt: skip
     parser.add_argument("--compile-scope", default="whole", choices=["blocks", "whole"], help="of the UNet")

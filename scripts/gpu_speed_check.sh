@@ -9,6 +9,7 @@
 #   SCOPE=blocks        compile the UNet's repeated blocks instead of the whole UNet
 #   COMPILE_REWARD=1    compile the reward's networks too
 #   TF32=1              TF32 matmuls for the fp32 networks
+#   REWARD_CHUNK=1      VAE decoder + reward passes one image at a time (--model.objective.reward_chunk_size)
 #   CHANNELS_LAST=1     after the eager structures, time them again with channels-last networks (the compiled pairs
 #                       then compile the channels-last networks)
 #   COMPILE=0           eager only, for TF32 / channels-last comparisons (a short call; not yet timed on a GPU)
@@ -32,6 +33,7 @@ python3 scripts/benchmark.py --models "$model" --sd15-dir "$sd15" --batch-sizes 
   --rollout-batch "$rollout" --no-rollout-merged --repeats 3 $([ "${CHANNELS_LAST:-0}" = 1 ] && echo --channels-last) \
   $([ "${COMPILE:-1}" = 0 ] || echo --compile) --compiled-structures ${COMPILED_STRUCTURES:-stacked_pairs} "$reward" \
   --compile-scope "${SCOPE:-whole}" --compile-backend "${BACKEND:-inductor}" $([ "${TF32:-0}" = 1 ] && echo --tf32) \
+  ${REWARD_CHUNK:+--reward-chunk-size $REWARD_CHUNK} \
   ${COMPILED_BATCHES:+--compiled-batch-sizes $COMPILED_BATCHES} --out "$out/benchmark.md" >"$out/benchmark.log" 2>&1 || status=$?
 grep -v -i "warn\|^ *warnings\.\|Loading weights\|Writing model" "$out/benchmark.log" | tail -n 25
 exit "${status:-0}"

@@ -26,9 +26,11 @@ class NablaDB(GradientDBObjective):
         transition_weighting: ``none`` (reference) or ``variance`` (residuals × σ_t², same optimum).
         timestep_fraction: fraction of the T steps trained per trajectory.
         low_variance_subsampling: stratify the trained steps over contiguous chunks.
-        pass_structure: ``fused`` (default, faster) or ``reference`` (the reference code's passes); same loss.
+        pass_structure: ``fused`` (default), ``stacked`` (one UNet call; faster, more memory) or ``reference``
+            (the reference code's passes); same loss.
         adjacent_pairs: train steps in adjacent pairs, which the fused structure computes with fewer passes.
         detach_flow_in_forward_target: train g_φ by the reverse and terminal conditions only (same optimum).
+        reward_chunk_size: VAE decoder + reward passes on at most this many images at a time (less memory).
     """
 
     def prior_scores(

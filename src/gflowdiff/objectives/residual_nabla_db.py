@@ -33,9 +33,11 @@ class ResidualNablaDB(GradientDBObjective):
         transition_weighting: ``none`` (reference) or ``variance`` (residuals × σ_t², same optimum).
         timestep_fraction: fraction of the T steps trained per trajectory.
         low_variance_subsampling: stratify the trained steps over contiguous chunks.
-        pass_structure: ``fused`` (default, faster) or ``reference`` (the reference code's passes); same loss.
+        pass_structure: ``fused`` (default), ``stacked`` (one UNet call; faster, more memory) or ``reference``
+            (the reference code's passes); same loss.
         adjacent_pairs: train steps in adjacent pairs, which the fused structure computes with fewer passes.
         detach_flow_in_forward_target: train g_φ by the reverse and terminal conditions only (same optimum).
+        reward_chunk_size: VAE decoder + reward passes on at most this many images at a time (less memory).
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class ResidualNablaDB(GradientDBObjective):
         pass_structure: PassStructure = "fused",
         adjacent_pairs: bool = False,
         detach_flow_in_forward_target: bool = False,
+        reward_chunk_size: int | None = None,
     ):
         super().__init__(
             reward_scale=reward_scale,
@@ -67,6 +70,7 @@ class ResidualNablaDB(GradientDBObjective):
             pass_structure=pass_structure,
             adjacent_pairs=adjacent_pairs,
             detach_flow_in_forward_target=detach_flow_in_forward_target,
+            reward_chunk_size=reward_chunk_size,
         )
         if pretrained_strength < 0:
             raise ValueError("--model.objective.pretrained_strength must be >= 0")
