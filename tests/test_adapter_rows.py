@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gflowdiff.adapter_rows import lora_on_rows
 from gflowdiff.policy import DiffusionPolicy, LoRAConfig
 
 
@@ -83,16 +82,15 @@ def test_masked_rows_equal_separate_calls(tiny_sd_path, model):
     assert all(g is None or not g.any() for g in together[5])
 
 
-def test_scaling_is_restored_and_row_count_checked(tiny_sd_path):
+def test_mask_is_off_outside_its_context_and_row_count_checked(tiny_sd_path):
     policy, guidance, size = policy_with_live_lora("tiny-sd", tiny_sd_path)
-    layer = next(m for m in policy.unet.modules() if hasattr(m, "scaling") and m.scaling)
-    before = dict(layer.scaling)
     x = torch.randn(2, policy.latent_channels, size, size)
     with torch.no_grad():
+        plain = predict(policy, x, guidance)
         predict(policy, x, guidance, lora_rows=torch.tensor([True, False]))
-    assert layer.scaling == before and all(isinstance(v, float) for v in layer.scaling.values())
-    with pytest.raises(ValueError, match="a mask of 3 rows for a LoRA layer input of 4 rows"):
-        with torch.no_grad(), lora_on_rows(policy.unet, torch.tensor([True, False, True])):
-            policy.unet(x.repeat(2, 1, 1, 1), torch.tensor([1] * 4), encoder_hidden_states=torch.zeros(4, 77, 32))
-    assert layer.scaling == before  # restored after the error too
-    assert not policy.unet._forward_pre_hooks and not any(m._forward_pre_hooks for m in policy.unet.modules())
+        assert policy.lora_row_mask.rows_on is None
+        torch.testing.assert_close(predict(policy, x, guidance), plain, rtol=0, atol=0)  # the LoRA is back on all rows
+        with pytest.raises(ValueError, match="a mask of 3 rows for a LoRA layer output of 4 rows"):
+            with policy.lora_row_mask.only(torch.tensor([True, False, True])):
+                policy.unet(x.repeat(2, 1, 1, 1), torch.tensor([1] * 4), encoder_hidden_states=torch.zeros(4, 77, 32))
+        assert policy.lora_row_mask.rows_on is None  # off after the error too

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from gflowdiff.adapter_rows import all_rows, lora_on_rows
+from gflowdiff.adapter_rows import LoraRowMask, all_rows
 from gflowdiff.diffusion_math import alpha_bar
 
 EMBEDDED_MODELS = {"embedded:digits": "zoo/weights/digits"}
@@ -129,6 +129,7 @@ class DiffusionPolicy(nn.Module):
         )
         for parameter in self.lora_parameters():
             parameter.data = parameter.data.float()  # trainable parameters in fp32, whatever the frozen dtype
+        self.lora_row_mask = LoraRowMask(self.unet)
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.float().clone(), persistent=False)
         self.final_alpha_cumprod = float(self.scheduler.final_alpha_cumprod)
 
@@ -204,8 +205,9 @@ class DiffusionPolicy(nn.Module):
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
     def lora_on_rows(self, rows_on: Tensor | None) -> AbstractContextManager:
-        """:func:`gflowdiff.adapter_rows.lora_on_rows` on the UNet; nothing to do when every row has the LoRA."""
-        return nullcontext() if all_rows(rows_on) else lora_on_rows(self.unet, rows_on)
+        """The LoRA on the rows where ``rows_on`` is True only (:mod:`gflowdiff.adapter_rows`); nothing to do when
+        every row has it."""
+        return nullcontext() if all_rows(rows_on) else self.lora_row_mask.only(rows_on.to(self.unet.device))
 
     @contextmanager
     def reference(self) -> Iterator[None]:
