@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from gflowdiff.diffusion_math import alpha_bar, ddim_mean, ddim_std, previous_timesteps
 from gflowdiff.objectives import ObjectiveContext, ResidualNablaDB
-from gflowdiff.objectives.gradient_db import guess_weight
+from gflowdiff.objectives.gradient_db_math import guess_weight
 from gflowdiff.rewards.base import Reward
 from gflowdiff.sampling import SamplerConfig, sample_rollout
 from gflowdiff.zoo.tiny_sd import sd_scheduler

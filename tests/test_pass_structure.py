@@ -10,7 +10,7 @@ import torch
 from gflowdiff.flow_head import FlowHeadConfig
 from gflowdiff.module import GFlowDiffModule
 from gflowdiff.objectives import NablaDB, ResidualNablaDB
-from gflowdiff.objectives.gradient_db import shared_state_order
+from gflowdiff.objectives.gradient_db_math import shared_state_order
 from gflowdiff.rewards import DigitClassifierReward
 from gflowdiff.sampling import SamplerConfig, sample_rollout
 

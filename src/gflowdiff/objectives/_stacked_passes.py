@@ -58,7 +58,7 @@ def stacked_passes(
 ) -> StackedPasses:
     """One UNet forward on the stacked rows and one backward for their input gradients (see the module docstring).
 
-    ``source`` (from :func:`gflowdiff.objectives.gradient_db.shared_state_order`): the first ``len(source)`` rows'
+    ``source`` (from :func:`gflowdiff.objectives.gradient_db_math.shared_state_order`): the first ``len(source)`` rows'
     x is the x' of rows ``source``, so their reward cotangent at x is the one already computed at that x'.
     """
     policy = ctx.policy

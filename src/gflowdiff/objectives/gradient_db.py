@@ -24,73 +24,21 @@ from gflowdiff.diffusion_math import (
     forward_score,
     per_sample,
     predicted_x0,
-    reverse_score,
 )
+from gflowdiff.objectives._reference_passes import reference_structure_residuals
 from gflowdiff.objectives._stacked_passes import stacked_passes
 from gflowdiff.objectives.base import Objective, ObjectiveContext
+from gflowdiff.objectives.gradient_db_math import (
+    GuessWeighting,
+    TransitionWeighting,
+    guess_weight,
+    mean_square,
+    shared_state_order,
+    transition_weight,
+)
 from gflowdiff.types import ObjectiveOutput, Rollout, Transitions
 
-GuessWeighting = Literal["alpha_bar", "sqrt_alpha_bar", "one", "off"]
-TransitionWeighting = Literal["none", "variance"]
 PassStructure = Literal["fused", "stacked", "reference"]
-
-
-# ---- pure math ------------------------------------------------------------------------------------------------------
-def guess_weight(abar: Tensor, mode: GuessWeighting) -> Tensor:
-    """γ_t of the forward-looking reward guess. ``alpha_bar`` is the reference default ('squared': (√ᾱ_t)² = ᾱ_t),
-    ``sqrt_alpha_bar`` its other mode; both switch the one-step guess off at high noise, where x̂0 is unreliable."""
-    if mode == "alpha_bar":
-        return abar
-    if mode == "sqrt_alpha_bar":
-        return abar.sqrt()
-    if mode == "one":
-        return torch.ones_like(abar)
-    return torch.zeros_like(abar)
-
-
-def nabla_db_residuals(
-    policy_fwd: Tensor,
-    prior_fwd: Tensor,
-    flow_next: Tensor,
-    policy_rev: Tensor | None,
-    prior_rev: Tensor | None,
-    flow_cur: Tensor | None,
-) -> tuple[Tensor, Tensor | None]:
-    """Residuals of the forward and reverse ∇-DB conditions (method.md §2.2–2.3); zero when detailed balance holds.
-
-    Notation: ``policy_*`` → ∇ log P_F(x'|x); ``prior_*`` → ∇ log P_B(x|x') or ρ·∇ log P_F^#(x'|x);
-    ``flow_next`` → ∇_{x'} log F(x') (β·∇ log R(x_T) on terminal transitions); ``flow_cur`` → ∇_x log F(x).
-    """
-    forward = policy_fwd - prior_fwd - flow_next
-    reverse = None if policy_rev is None else policy_rev - prior_rev + flow_cur
-    return forward, reverse
-
-
-def transition_weight(std: Tensor, mode: TransitionWeighting) -> Tensor:
-    """Per-transition scale of the residuals. ``none`` is the reference. ``variance`` multiplies each residual by σ_t²,
-    which turns a score residual into a mean-shift residual: (μ_θ − μ_#) − σ_t²·∇log F̃. Score residuals grow like
-    1/σ_t², so without it the last steps dominate the loss ~10³-fold (method.md §2.7) and Adam's update follows
-    them alone; steps that decide coarse content (a digit's class) then barely train. A positive per-transition
-    weight leaves the optimum (every residual zero) and so the target distribution unchanged. Shape (N,)."""
-    return std**2 if mode == "variance" else torch.ones_like(std)
-
-
-def shared_state_order(trajectory: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
-    """Where two transitions of a batch meet at one state (x' of row i is x of row k: same trajectory, next step),
-    the reward guess at that state is needed twice (row i's x' guess, row k's x guess) and is computed once.
-    Returns (order, source): ``select(order)`` puts the S rows whose x ends another row's transition first, and in
-    that order ``source[k]`` (k < S, length S) is a row whose x' is row k's x."""
-    ends_at = (trajectory[:, None] == trajectory[None, :]) & (step[:, None] + 1 == step[None, :])  # [i, k]: x'_i = x_k
-    is_shared = ends_at.any(dim=0)
-    order = torch.cat([is_shared.nonzero(), (~is_shared).nonzero()]).squeeze(1)
-    ends_at = ends_at[order][:, order]
-    source = ends_at[:, : int(is_shared.sum())].int().argmax(dim=0)  # the first row ending at each shared state
-    return order, source
-
-
-def mean_square(x: Tensor) -> Tensor:
-    """Mean over all elements, as the reference does (not a sum: the scale is independent of the image size)."""
-    return x.pow(2).mean()
 
 
 # ---- the objective --------------------------------------------------------------------------------------------------
@@ -232,17 +180,6 @@ class GradientDBObjective(Objective):
         raise NotImplementedError(f"{type(self).__name__} has no pretrained pass")
 
     # ---- flow scores --------------------------------------------------------------------------------------------
-    def reward_gradient(self, x: Tensor, x0_hat: Tensor, prompts: list[str], ctx: ObjectiveContext) -> Tensor:
-        """∇_x r(D(x̂0(x))), detached: a target, not a path for gradients. ``x0_hat`` must be a function of ``x``.
-
-        The reward sees the prompts of these transitions' own trajectories. (Fixes the reference, which passes the
-        prompts left over from the last sampling batch: method.md §7 item 4.)
-        """
-        # A NaN reward here makes the loss and gradients NaN; the module then skips the step on every rank.
-        rewards = ctx.reward(ctx.policy.decode(x0_hat), prompts)
-        (gradient,) = torch.autograd.grad(rewards.sum(), x, retain_graph=True)
-        return gradient.detach()
-
     def guess_point_next(self, chunk: Transitions, ctx: ObjectiveContext, abar_prev: Tensor) -> tuple[Tensor, Tensor]:
         """(x' as a leaf requiring grad, the point whose reward is differentiated): x̂0_θ(x', t−Δ) on non-terminal
         rows (one policy pass, LoRA on, with CFG), x' itself on terminal rows (the exact terminal condition)."""
@@ -282,46 +219,6 @@ class GradientDBObjective(Objective):
             flow = flow + (1 - mask) * in_target  # no g on terminal states: the terminal condition is exact
             g_terminal = g[terminal]
         return flow, g_terminal
-
-    def flow_score_current(
-        self, chunk: Transitions, at_x: _PolicyPass, abar_t: Tensor, ctx: ObjectiveContext
-    ) -> Tensor:
-        """∇_x log F(x) = g_φ(x, t) + β·γ_t·∇_x r(D(x̂0_θ(x, t))), reusing the policy pass ε̂_θ(x, t)."""
-        x = at_x.x
-        flow = torch.zeros_like(x)
-        if self.guesses_reward_at_x:
-            gamma = per_sample(guess_weight(abar_t, self.reward_guess_weighting), x)
-            x0_hat = predicted_x0(x, at_x.eps, abar_t)
-            flow = self.reward_scale * gamma * self.reward_gradient(x, x0_hat, chunk.prompts, ctx)
-        if self.use_flow_head:
-            flow = flow + ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds)
-        return flow
-
-    def reference_structure_residuals(
-        self,
-        chunk: Transitions,
-        ctx: ObjectiveContext,
-        at_x: _PolicyPass,
-        std: Tensor,
-        abar_t: Tensor,
-        abar_prev: Tensor,
-        prior: _Scores,
-    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-        """The reference's passes (method.md §3.1 steps 6–12): the policy's reverse VJP, a reward-gradient pass at
-        x' and another at x, each on its own."""
-        need_reverse = self.reverse_loss_scale > 0
-        policy_rev = None
-        if need_reverse:
-            policy_rev = reverse_score(
-                at_x.x, chunk.x_next, at_x.mean, std, create_graph=self.reverse_loss_trains_policy
-            )
-        guess_next, _ = self.guess_next_gradient(chunk, ctx, abar_prev)  # while the x graph is alive, as the reference
-        flow_next, g_terminal = self.flow_from_guess_next(chunk, guess_next, ctx, abar_prev)
-        flow_cur = self.flow_score_current(chunk, at_x, abar_t, ctx) if need_reverse else None
-        forward_residual, reverse_residual = nabla_db_residuals(
-            at_x.forward_score, prior.forward, flow_next, policy_rev, prior.reverse, flow_cur
-        )
-        return forward_residual, reverse_residual, flow_next, g_terminal
 
     def guess_next_gradient(
         self, chunk: Transitions, ctx: ObjectiveContext, abar_prev: Tensor
@@ -451,8 +348,8 @@ class GradientDBObjective(Objective):
         if structure == "reference":
             prior = self.prior_scores(chunk, ctx, std, abar_t, abar_prev)
             at_x = self.policy_pass(chunk, ctx, abar_t, abar_prev, std)
-            forward_residual, reverse_residual, flow_next, g_terminal = self.reference_structure_residuals(
-                chunk, ctx, at_x, std, abar_t, abar_prev, prior
+            forward_residual, reverse_residual, flow_next, g_terminal = reference_structure_residuals(
+                self, chunk, ctx, at_x, std, abar_t, abar_prev, prior
             )
         else:
             if structure == "stacked":
