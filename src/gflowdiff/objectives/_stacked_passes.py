@@ -112,12 +112,9 @@ def stacked_passes(
                 total = total + gaussian_log_prob(chunk.x_next, pretrained_mean, std).sum()
             if objective.guesses_reward_at_x:
                 x0 = predicted_x0(x, eps_policy, abar_t)
-                shared = 0 if source is None else len(source)
-                pullbacks = [pullback_next[source]] if shared else []
-                if shared < len(x):
-                    pullbacks.append(objective.reward_pullback(x0[shared:], chunk.prompts[shared:], ctx))
-                weight = per_sample(objective.reward_guess_scale(abar_t), x0)
-                total = total + (weight * x0 * torch.cat(pullbacks)).sum()
+                shared = pullback_next[source] if source is not None and len(source) else None
+                cotangent = objective.reward_pullback_at_x(x0, chunk.prompts, ctx, shared)
+                total = total + (per_sample(objective.reward_guess_scale(abar_t), x0) * x0 * cotangent).sum()
 
         wanted = [leaf for leaf in (x, x_next, x_pretrained) if leaf.requires_grad]
         gradients = [None] * len(wanted)

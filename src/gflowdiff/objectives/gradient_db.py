@@ -22,6 +22,7 @@ from gflowdiff.diffusion_math import (
     ddim_mean,
     ddim_std,
     forward_score,
+    gaussian_log_prob,
     per_sample,
     predicted_x0,
 )
@@ -251,21 +252,27 @@ class GradientDBObjective(Objective):
         ``pullback``: ∇_{x̂0} r already computed for the first rows by the x' pass of transitions ending there; their
         reward term is then x̂0·pullback, whose x-gradient is the same chain rule without a second VAE/reward pass.
         """
-        x, mean = at_x.x, at_x.mean
+        x = at_x.x
         with torch.enable_grad():
-            # log P_F(x'|x) up to terms without x (x' is the stored constant)
-            total = -((chunk.x_next - mean) ** 2 / (2 * per_sample(std, mean) ** 2)).sum()
+            total = gaussian_log_prob(chunk.x_next, at_x.mean, std).sum()  # x' is the stored constant
             if self.guesses_reward_at_x:
                 x0_hat = predicted_x0(x, at_x.eps, abar_t)
-                weight = self.reward_guess_scale(abar_t)
-                n = 0 if pullback is None else len(pullback)
-                if n:
-                    total = total + (weight[:n] * (x0_hat[:n] * pullback).flatten(1).sum(1)).sum()
-                if n < len(x):  # the same chain rule, with the VAE-decoder + reward graph freed before the UNet's
-                    rest = self.reward_pullback(x0_hat[n:], chunk.prompts[n:], ctx)
-                    total = total + (weight[n:] * (x0_hat[n:] * rest).flatten(1).sum(1)).sum()
+                cotangent = self.reward_pullback_at_x(x0_hat, chunk.prompts, ctx, pullback)
+                total = total + (per_sample(self.reward_guess_scale(abar_t), x0_hat) * x0_hat * cotangent).sum()
             (gradient,) = torch.autograd.grad(total, x, retain_graph=True)
         return gradient.detach()
+
+    def reward_pullback_at_x(
+        self, x0_hat: Tensor, prompts: list[str], ctx: ObjectiveContext, shared: Tensor | None
+    ) -> Tensor:
+        """∇_{x̂0} r at x̂0_θ(x, t) of every row, the cotangent of the reward guess at x. The first ``len(shared)``
+        rows reuse ``shared``, computed at the same points by the x' pass of the transitions ending there; the
+        others run the VAE decoder + reward (with its graph freed before the UNet backward)."""
+        n = 0 if shared is None else len(shared)
+        parts = [shared] if n else []
+        if n < len(x0_hat):
+            parts.append(self.reward_pullback(x0_hat[n:], prompts[n:], ctx))
+        return torch.cat(parts)
 
     def reward_pullback(self, x0_hat: Tensor, prompts: list[str], ctx: ObjectiveContext) -> Tensor:
         """∇_{x̂0} r(D(x̂0)): the VAE-decoder and reward backward alone (x̂0 is detached: no UNet backward), on at most
