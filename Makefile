@@ -41,7 +41,7 @@ format: $(STAMP) ## ruff format and autofix
 digits-model: $(STAMP) ## re-train the embedded digits model and classifier (≈ 20 min on 2 cores)
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m gflowdiff.zoo.digits --out src/gflowdiff/zoo/weights
 
-benchmark: $(STAMP) ## transitions/s (fused vs reference pass structure, channels-last), rollout speed, memory; digits + tiny SD
+benchmark: $(STAMP) ## transitions/s at B = 1, 2, 4, 8, 16 (reference vs fused / pairs / stacked pass structures, channels-last), rollout speed, memory; digits + tiny SD
 	OMP_NUM_THREADS=$(THREADS) HF_HUB_OFFLINE=1 $(BIN)/python scripts/benchmark.py --channels-last
 
 COMPARE_CONFIGS := $(addprefix configs/digits/,residual_nabla_db.yaml refl.yaml draft.yaml ddpo.yaml nabla_db.yaml \

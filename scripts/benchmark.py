@@ -155,7 +155,9 @@ def transition_batches(module: GFlowDiffModule, batch_size: int) -> dict[str, ob
     middle = rollout.num_steps // 2
     chunk = rollout.transitions(torch.arange(batch_size), torch.full((batch_size,), middle, dtype=torch.long))
     half = batch_size // 2
-    pairs = rollout.transitions(torch.arange(half).repeat_interleave(2), torch.tensor([middle, middle + 1] * half))
+    pairs = rollout.transitions(
+        torch.arange(half).repeat_interleave(2), torch.tensor([middle, middle + 1] * half, dtype=torch.long)
+    )
     return {"single": chunk, "pairs": pairs}
 
 
@@ -305,9 +307,9 @@ def component_figures(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["digits", "tiny-sd"])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[4, 16])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     parser.add_argument("--rollout-batch", type=int, default=8, help="trajectories per timed rollout (0: skip)")
-    parser.add_argument("--structures", nargs="+", default=["reference", "fused", "pairs", "stacked_pairs"],
+    parser.add_argument("--structures", nargs="+", default=["reference", "fused", "stacked", "pairs", "stacked_pairs"],
                         choices=list(STRUCTURES))  # fmt: skip
     parser.add_argument("--steps", type=int, default=0, help="sampler steps (default: 20, 50 for sd15)")
     parser.add_argument("--repeats", type=int, default=3)
