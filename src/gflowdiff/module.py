@@ -28,6 +28,7 @@ from gflowdiff.data import DeferredPromptBatch
 from gflowdiff.evaluation import EvaluationConfig, Evaluator, sample_pair, side_by_side
 from gflowdiff.flow_head import FlowHead, FlowHeadConfig
 from gflowdiff.images import image_grid
+from gflowdiff.memory_hints import out_of_memory_message
 from gflowdiff.memory_layout import use_channels_last
 from gflowdiff.objectives.base import Objective, ObjectiveContext
 from gflowdiff.policy import DiffusionPolicy, LoRAConfig
@@ -185,8 +186,24 @@ class GFlowDiffModule(L.LightningModule):
         return ObjectiveContext(self.policy, self.reward, self.sampler, self.flow_head, generator)
 
     def training_step(self, batch: DeferredPromptBatch | list[str], batch_idx: int) -> None:
-        started = time.perf_counter()
         prompts = batch.prompts() if isinstance(batch, DeferredPromptBatch) else list(batch)
+        try:
+            self.train_on_prompts(prompts)
+        except torch.OutOfMemoryError as error:  # the same error, with the options that lower the peak
+            raise torch.OutOfMemoryError(
+                out_of_memory_message(
+                    error,
+                    self.objective.memory_options(),
+                    compiled=self.hparams["compile"],
+                    train_batch_size=self.train_batch_size,
+                    trajectories=len(prompts),
+                    frozen_dtype=self.hparams["frozen_dtype"],
+                )
+            ) from error
+
+    def train_on_prompts(self, prompts: list[str]) -> None:
+        """One training step: a rollout on ``prompts``, then the objective's loss and optimizer steps on it."""
+        started = time.perf_counter()
         generator = step_generator(self.seed, self.global_rank, self.rollouts_done)
         rollout = sample_rollout(self.policy, prompts, self.reward, self.sampler, generator)
         self.rollouts_done += 1

@@ -41,6 +41,11 @@ class Objective(nn.Module, ABC):
     def uses_flow_head(self) -> bool:
         return False
 
+    def memory_options(self) -> list[str]:
+        """This objective's options that lower its peak memory without changing its math, as command-line flags
+        with a word on each (listed when a step runs out of memory)."""
+        return []
+
     def check_compatible(self, reward: Reward) -> None:
         """Raise before any heavy work if this objective cannot train on ``reward``."""
         if self.requires_reward_gradient and not reward.differentiable:

@@ -158,6 +158,20 @@ class GradientDBObjective(Objective):
         """Whether ∇_x log F(x) has the term β·γ_t·∇_x r(D(x̂0_θ(x, t))) (§2.4)."""
         return self.reward_guess_weighting != "off" and self.reward_scale > 0
 
+    def memory_options(self) -> list[str]:
+        options = []
+        if self.pass_structure != "fused":
+            options.append(
+                "--model.objective.init_args.pass_structure fused (one UNet graph alive at a time; now "
+                f"{self.pass_structure})"
+            )
+        if self.reward_chunk_size != 1:
+            options.append(
+                "--model.objective.init_args.reward_chunk_size 1 (the VAE decoder + reward one image at a time, with "
+                "the fused or stacked structure)"
+            )
+        return options
+
     def reward_guess_scale(self, abar: Tensor) -> Tensor:
         """β·γ_t, the weight of the reward guess in ∇ log F (§2.4). Shape of ``abar``."""
         return self.reward_scale * guess_weight(abar, self.reward_guess_weighting)
