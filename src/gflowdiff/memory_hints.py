@@ -25,7 +25,7 @@ def out_of_memory_message(
     if train_batch_size > 1:
         same_math.append(
             f"--model.train_batch_size {train_batch_size // 2} (now {train_batch_size}: transitions per backward; "
-            "the chunks still accumulate into the same optimizer steps)"
+            "the chunks accumulate into the same optimizer steps, the same update when they stay equal in size)"
         )
     other = []
     if frozen_dtype == "float32":
