@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
@@ -48,6 +49,32 @@ def restore_trainable_state(module: GFlowDiffModule, checkpoint: dict[str, Any])
     module.bad_steps_in_a_row = int(extra.get("bad_steps_in_a_row", 0))
     buffer = extra.get("rollout_buffer")
     module.rollout_buffer = None if buffer is None else Rollout.from_state(buffer)
+    module.unlogged_step = extra.get("unlogged_step")
+
+
+def unlogged_step_metrics(trainer: L.Trainer) -> dict[str, Any] | None:
+    """The metrics Lightning is about to log for the training step that is ending, with their logger step; None when
+    it logs nothing this step.
+
+    Checkpoints of a step (ModelCheckpoint, PreemptionCheckpoint) are written in ``on_train_batch_end``, before
+    Lightning logs that step's metrics, so a kill between the two would lose the step's point: the checkpoint keeps
+    it, and the resumed run logs it again (:func:`log_unlogged_step`). Reads two Lightning internals, the same ones
+    its own ``update_train_step_metrics`` uses (manual optimization: no accumulation to skip).
+    """
+    connector = trainer._logger_connector
+    if not trainer.loggers or not connector.should_update_logs:
+        return None
+    metrics = {name: float(value) for name, value in connector.metrics["log"].items()}
+    metrics.setdefault("epoch", trainer.current_epoch)  # Lightning adds it to every training-step log
+    return {"step": trainer.fit_loop.epoch_loop._batches_that_stepped, "metrics": metrics}
+
+
+def log_unlogged_step(trainer: L.Trainer, entry: dict[str, Any]) -> None:
+    """Log a checkpointed step's metrics at their step. If the killed run had logged them already, the point is
+    written twice with the same value."""
+    for logger in trainer.loggers:
+        logger.log_metrics(entry["metrics"], step=entry["step"])
+        logger.save()
 
 
 def export_lora(policy: DiffusionPolicy, directory: str | Path) -> Path:

@@ -22,7 +22,14 @@ from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from gflowdiff.checkpointing import TRAINABLE_STATE_KEY, export_lora, restore_trainable_state, trainable_state
+from gflowdiff.checkpointing import (
+    TRAINABLE_STATE_KEY,
+    export_lora,
+    log_unlogged_step,
+    restore_trainable_state,
+    trainable_state,
+    unlogged_step_metrics,
+)
 from gflowdiff.compilation import DEFAULT_BACKEND, CompileScope, check_compile_options, compile_networks
 from gflowdiff.data import DeferredPromptBatch
 from gflowdiff.evaluation import EvaluationConfig, Evaluator, sample_pair, side_by_side
@@ -160,6 +167,8 @@ class GFlowDiffModule(L.LightningModule):
         self.trainable_names = {name for name, p in self.named_parameters() if p.requires_grad}
         self.rollouts_done = 0
         self.rollout_buffer: Rollout | None = None
+        self.step_awaits_logging = False  # between a training step and Lightning's log of its metrics
+        self.unlogged_step: dict[str, Any] | None = None  # a resumed checkpoint's step metrics, logged at train start
         self.last_rollout_summary: dict[str, Any] = {}  # prompts and rewards of this rank's latest rollout
 
     # ---- optimizer ---------------------------------------------------------------------------------------------
@@ -200,6 +209,11 @@ class GFlowDiffModule(L.LightningModule):
                     frozen_dtype=self.hparams["frozen_dtype"],
                 )
             ) from error
+        self.step_awaits_logging = True
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Lightning calls this after the callbacks' hooks (where checkpoints are written) and right before its log.
+        self.step_awaits_logging = False
 
     def train_on_prompts(self, prompts: list[str]) -> None:
         """One training step: a rollout on ``prompts``, then the objective's loss and optimizer steps on it."""
@@ -362,6 +376,8 @@ class GFlowDiffModule(L.LightningModule):
             "skipped_steps": self.skipped_steps,
             "bad_steps_in_a_row": self.bad_steps_in_a_row,
             "rollout_buffer": None if self.rollout_buffer is None else self.rollout_buffer.to_state(),
+            # Written at a step's end, the checkpoint precedes that step's log: keep its metrics (checkpointing.py).
+            "unlogged_step": unlogged_step_metrics(self.trainer) if self.step_awaits_logging else None,
         }
 
     def on_train_end(self) -> None:
@@ -374,3 +390,8 @@ class GFlowDiffModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         restore_trainable_state(self, checkpoint)
+
+    def on_train_start(self) -> None:
+        if self.unlogged_step is not None:  # resumed from a checkpoint written before its step's log
+            log_unlogged_step(self.trainer, self.unlogged_step)
+            self.unlogged_step = None
