@@ -14,7 +14,7 @@ from torch import Tensor
 
 from gflowdiff.diffusion_math import per_sample, predicted_x0, reverse_score
 from gflowdiff.objectives.base import ObjectiveContext
-from gflowdiff.objectives.gradient_db_math import guess_weight, nabla_db_residuals
+from gflowdiff.objectives.gradient_db_math import nabla_db_residuals
 from gflowdiff.types import Transitions
 
 if TYPE_CHECKING:
@@ -40,9 +40,8 @@ def flow_score_current(
     x = at_x.x
     flow = torch.zeros_like(x)
     if objective.guesses_reward_at_x:
-        gamma = per_sample(guess_weight(abar_t, objective.reward_guess_weighting), x)
         x0_hat = predicted_x0(x, at_x.eps, abar_t)
-        flow = objective.reward_scale * gamma * reward_gradient(x, x0_hat, chunk.prompts, ctx)
+        flow = per_sample(objective.reward_guess_scale(abar_t), x) * reward_gradient(x, x0_hat, chunk.prompts, ctx)
     if objective.use_flow_head:
         flow = flow + ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds)
     return flow
