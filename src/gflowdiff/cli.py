@@ -8,23 +8,21 @@ Objectives and rewards are chosen by type: ``--model.objective ResidualNablaDB``
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.utilities import rank_zero_info
 
 import gflowdiff.objectives  # noqa: F401  (registers the objective plugins for class_path resolution)
 import gflowdiff.rewards  # noqa: F401  (registers the reward plugins)
-from gflowdiff.checkpointing import SafeCheckpointIO, newest_checkpoint
+from gflowdiff.checkpointing import SafeCheckpointIO
 from gflowdiff.data import PromptDataModule
 from gflowdiff.module import GFlowDiffModule
 from gflowdiff.preemption import PreemptionCheckpoint
+from gflowdiff.resume import resolve_last_checkpoint
 
 
 class GFlowDiffCLI(LightningCLI):
@@ -59,33 +57,17 @@ class GFlowDiffCLI(LightningCLI):
             callbacks = [*callbacks, PreemptionCheckpoint()]
         return super()._instantiate_trainer(config, callbacks)
 
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-        """``fit --ckpt_path last`` resumes from the newest readable checkpoint of the run's checkpoint folders
-        (:func:`gflowdiff.checkpointing.newest_checkpoint`), or starts fresh when there is none yet."""
-        kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if subcommand == "fit" and kwargs.get("ckpt_path") == "last":
-            callbacks = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
-            folders = [checkpoint_folder(self.trainer, c) for c in callbacks]
-            newest = newest_checkpoint(folders)
-            if newest is None:
-                rank_zero_info(f"--ckpt_path last: no checkpoint in {', '.join(map(str, folders))}; starting fresh")
-            else:
-                rank_zero_info(f"--ckpt_path last: resuming from {newest}")
-            kwargs["ckpt_path"] = None if newest is None else str(newest)
-        return kwargs
-
-
-def checkpoint_folder(trainer: Trainer, callback: ModelCheckpoint) -> Path:
-    """Where ``callback`` writes: its ``dirpath``, else Lightning's default (the first logger's run folder, else
-    ``default_root_dir``, plus ``checkpoints``); the same rule as ModelCheckpoint's own resolver, which is private
-    and needs a set-up trainer."""
-    if callback.dirpath:
-        return Path(callback.dirpath)
-    if trainer.loggers:
-        logger = trainer.loggers[0]
-        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-        return Path(logger.save_dir or trainer.default_root_dir, str(logger.name), version, "checkpoints")
-    return Path(trainer.default_root_dir, "checkpoints")
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last`` to the newest readable checkpoint of the run, before anything is built
+        (:func:`gflowdiff.resume.resolve_last_checkpoint`); None (start fresh) when there is none yet."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        if config.get("ckpt_path") == "last":
+            newest = resolve_last_checkpoint(config, subcommand)
+            config.ckpt_path = None if newest is None else str(newest)
+        super()._parse_ckpt_path()
 
 
 def main(args: list[str] | None = None) -> GFlowDiffCLI:

@@ -1,0 +1,52 @@
+"""What a user does by habit must not lose work or silently do something else (issue 18): resume, checkpoints,
+run folders, locks. Runs the embedded digits model in-process for a few steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gflowdiff.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS_CONFIG = REPO / "configs" / "digits" / "residual_nabla_db.yaml"
+RUN_NAME = "digits_residual_nabla_db"
+
+
+def digits_args(root: Path, max_steps: int, *extra: str, subcommand: str = "fit") -> list[str]:
+    """The README's digits command, shrunk to seconds, logging under ``root/runs`` (no fixed version)."""
+    return [
+        subcommand, "--config", str(DIGITS_CONFIG),
+        "--model.sampler.num_inference_steps", "4",
+        "--model.train_batch_size", "2",
+        "--model.log_images_every_n_steps", "0",
+        "--data.batch_size", "2",
+        "--data.eval_batch_size", "2",
+        "--trainer.max_steps", str(max_steps),
+        "--trainer.val_check_interval", "1000",
+        "--trainer.callbacks.init_args.every_n_train_steps", "1",
+        "--trainer.logger.init_args.save_dir", str(root / "runs"),
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+def version_folders(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "runs" / RUN_NAME).iterdir() if p.is_dir())
+
+
+def test_ckpt_path_last_resumes_the_newest_version_of_the_run(tmp_path, monkeypatch):
+    """The README's `--ckpt_path last` continues the run at its step 3, in its own version folder."""
+    monkeypatch.chdir(tmp_path)
+    first = main(digits_args(tmp_path, 3))
+    assert first.trainer.global_step == 3 and version_folders(tmp_path) == ["version_0"]
+
+    resumed = main(digits_args(tmp_path, 5, "--ckpt_path", "last"))
+    assert resumed.model.rollouts_done == 5  # 3 restored + 2 new, not 5 from scratch
+    assert resumed.trainer.global_step == 5
+    assert version_folders(tmp_path) == ["version_0"]
+    checkpoint = torch.load(
+        tmp_path / "runs" / RUN_NAME / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    assert checkpoint["global_step"] == 5
