@@ -3,8 +3,10 @@ run folders, locks. Runs the embedded digits model in-process for a few steps.""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from gflowdiff.cli import main
@@ -50,3 +52,60 @@ def test_ckpt_path_last_resumes_the_newest_version_of_the_run(tmp_path, monkeypa
         tmp_path / "runs" / RUN_NAME / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     )
     assert checkpoint["global_step"] == 5
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A 2-step digits run (``runs/digits_residual_nabla_db/version_0``); tests that write into it copy it."""
+    root = tmp_path_factory.mktemp("trained")
+    main(digits_args(root, 2))
+    return root
+
+
+def copy_run(trained_run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(trained_run / "runs", tmp_path / "runs")
+    return tmp_path
+
+
+def last_checkpoint(root: Path) -> Path:
+    return root / "runs" / RUN_NAME / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file of the run folder and its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_command_line_wins_over_the_checkpoint_hyperparameters(trained_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    extra = ["--ckpt_path", str(last_checkpoint(trained_run)), "--trainer.limit_val_batches", "0"]
+    extra += ["--model.sampler.num_inference_steps", "2", "--model.evaluation.feature_space", "pixels"]
+    cli = main(digits_args(tmp_path, 2, *extra, subcommand="validate"))
+    assert cli.model.sampler.num_inference_steps == 2  # the checkpoint says 4
+    assert cli.model.evaluation.feature_space == "pixels"
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--model.lora.rank", "4"], "--model.lora.rank (checkpoint: 8, now: 4)"),
+        (["--model.pretrained_model", "TINY_SD"], "--model.pretrained_model (checkpoint: 'embedded:digits'"),
+        (
+            ["--config", str(REPO / "configs" / "digits" / "ddpo.yaml")],
+            "--model.objective (checkpoint: 'ResidualNablaDB'",
+        ),
+        (["--model.objective.init_args.use_flow_head", "false"], "flow_head"),
+    ],
+)
+def test_settings_that_cannot_change_on_resume_are_refused_before_writing(
+    trained_run, tiny_sd_path, tmp_path, monkeypatch, extra, named
+):
+    extra = [str(tiny_sd_path) if arg == "TINY_SD" else arg for arg in extra]
+    root = copy_run(trained_run, tmp_path)
+    monkeypatch.chdir(root)
+    before = snapshot(root)
+    checkpoint = str(last_checkpoint(root))
+    with pytest.raises((ValueError, KeyError)) as error:
+        main(digits_args(root, 4, *extra, "--ckpt_path", checkpoint))
+    assert named in str(error.value)
+    assert snapshot(root) == before

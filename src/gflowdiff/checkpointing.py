@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 TRAINABLE_STATE_KEY = "gflowdiff"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+ANOTHER_MODEL = "was it made with another --model.objective, --model.lora or --model.flow_head?"
 
 
 def trainable_state(module: GFlowDiffModule) -> dict[str, torch.Tensor]:
@@ -39,10 +40,8 @@ def restore_trainable_state(module: GFlowDiffModule, checkpoint: dict[str, Any])
     state = checkpoint.get("state_dict", {})
     missing = sorted(module.trainable_names - set(state))
     if missing:
-        raise KeyError(
-            f"the checkpoint lacks {len(missing)} trainable tensors of this model (e.g. {missing[0]!r}); was it made "
-            f"with another --model.objective, --model.lora or --model.flow_head?"
-        )
+        raise KeyError(f"the checkpoint lacks {len(missing)} trainable tensors of this model (e.g. {missing[0]!r}); "
+                       f"{ANOTHER_MODEL}")  # fmt: skip
     extra = checkpoint.get(TRAINABLE_STATE_KEY, {})
     module.rollouts_done = int(extra.get("rollouts_done", 0))
     module.skipped_steps = int(extra.get("skipped_steps", 0))
@@ -50,6 +49,32 @@ def restore_trainable_state(module: GFlowDiffModule, checkpoint: dict[str, Any])
     buffer = extra.get("rollout_buffer")
     module.rollout_buffer = None if buffer is None else Rollout.from_state(buffer)
     module.unlogged_step = extra.get("unlogged_step")
+
+
+def check_resumable(module: GFlowDiffModule, checkpoint: dict[str, Any], with_optimizer: bool) -> None:
+    """Raise before a run starts when ``checkpoint`` cannot be loaded into ``module``: a missing, extra or reshaped
+    trainable tensor, or (``with_optimizer``, for ``fit``) other optimizer parameter groups. Lightning would find
+    the optimizer mismatch only after the run folder's logs and hparams were written."""
+    state = checkpoint.get("state_dict", {})
+    own = module.state_dict()
+    missing = sorted(module.trainable_names - set(state))
+    if missing:
+        raise KeyError(f"--ckpt_path: the checkpoint lacks {len(missing)} trainable tensors of this model (e.g. "
+                       f"{missing[0]!r}); {ANOTHER_MODEL}")  # fmt: skip
+    extra = sorted(key for key in state if key not in own)
+    if extra:
+        raise KeyError(f"--ckpt_path: the checkpoint holds {len(extra)} tensors this model does not have (e.g. "
+                       f"{extra[0]!r}); {ANOTHER_MODEL}")  # fmt: skip
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(f"--ckpt_path: tensor {key!r} has shape {tuple(value.shape)} in the checkpoint and "
+                             f"{tuple(own[key].shape)} in this model; {ANOTHER_MODEL}")  # fmt: skip
+    saved_groups = [len(g["params"]) for g in (checkpoint.get("optimizer_states") or [{}])[0].get("param_groups", [])]
+    if with_optimizer and saved_groups:
+        groups = [len(g["params"]) for g in module.configure_optimizers().param_groups]
+        if groups != saved_groups:
+            raise ValueError(f"--ckpt_path: the checkpoint's optimizer has parameter groups of {saved_groups} tensors, "
+                             f"this model's of {groups}; {ANOTHER_MODEL}")  # fmt: skip
 
 
 def unlogged_step_metrics(trainer: L.Trainer) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ Objectives and rewards are chosen by type: ``--model.objective ResidualNablaDB``
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -18,11 +19,13 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 import gflowdiff.objectives  # noqa: F401  (registers the objective plugins for class_path resolution)
 import gflowdiff.rewards  # noqa: F401  (registers the reward plugins)
-from gflowdiff.checkpointing import SafeCheckpointIO
+from gflowdiff.checkpointing import SafeCheckpointIO, check_resumable
 from gflowdiff.data import PromptDataModule
 from gflowdiff.module import GFlowDiffModule
 from gflowdiff.preemption import PreemptionCheckpoint
-from gflowdiff.resume import resolve_last_checkpoint
+from gflowdiff.resume import check_checkpoint_settings, resolve_last_checkpoint
+
+LIGHTNING_CKPT_ALIASES = ("best", "last", "hpc", "registry")  # resolved by Lightning itself
 
 
 class GFlowDiffCLI(LightningCLI):
@@ -59,7 +62,13 @@ class GFlowDiffCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Resolve ``--ckpt_path last`` to the newest readable checkpoint of the run, before anything is built
-        (:func:`gflowdiff.resume.resolve_last_checkpoint`); None (start fresh) when there is none yet."""
+        (:func:`gflowdiff.resume.resolve_last_checkpoint`; None, i.e. start fresh, when there is none yet), and check
+        a checkpoint's settings against the user's.
+
+        Replaces Lightning's version, which parses the checkpoint's hyperparameters over the user's ``--config`` and
+        command line: here what the user passes wins, and settings that cannot change on resume raise an error
+        (:func:`gflowdiff.resume.check_checkpoint_settings`)."""
+        self.resume_checkpoint = None
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -67,7 +76,19 @@ class GFlowDiffCLI(LightningCLI):
         if config.get("ckpt_path") == "last":
             newest = resolve_last_checkpoint(config, subcommand)
             config.ckpt_path = None if newest is None else str(newest)
-        super()._parse_ckpt_path()
+        path = config.get("ckpt_path")
+        if path and path not in LIGHTNING_CKPT_ALIASES and "://" not in str(path):
+            checkpoint = SafeCheckpointIO().load_checkpoint(path)
+            check_checkpoint_settings(config.model, checkpoint, Path(path))
+            self.resume_checkpoint = checkpoint  # checked against the built model in _prepare_subcommand_kwargs
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """Before the trainer runs (and writes anything): the checkpoint fits the built model and its optimizer."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if self.resume_checkpoint is not None:
+            check_resumable(self.model, self.resume_checkpoint, with_optimizer=subcommand == "fit")
+            self.resume_checkpoint = None
+        return kwargs
 
 
 def main(args: list[str] | None = None) -> GFlowDiffCLI:

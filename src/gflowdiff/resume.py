@@ -14,6 +14,7 @@ loads and before anything of the run is written.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +118,57 @@ def resolve_last_checkpoint(config: Namespace, subcommand: str) -> Path | None:
     if subcommand == "fit" and in_version_folder and init_args is not None:
         init_args.version = newest.parent.parent.name  # log into the run's folder, not a new version_N+1
     return newest
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/Namespaces → ``{"a.b.c": leaf}``."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def short(value: Any) -> Any:
+    """A class path by its class name (``gflowdiff.objectives.DDPO`` → ``DDPO``) for messages."""
+    return value.rsplit(".", 1)[-1] if isinstance(value, str) and value.startswith("gflowdiff.") else value
+
+
+def option(key: str) -> str:
+    """``objective.class_path`` → ``--model.objective``; ``lora.rank`` → ``--model.lora.rank``."""
+    key = key.removesuffix(".class_path").replace(".init_args.", ".")
+    return f"--model.{key}"
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any], keys: Iterable[str]) -> list[str]:
+    return [
+        f"{option(key)} (checkpoint: {short(saved[key])!r}, now: {short(current.get(key))!r})"
+        for key in keys
+        if key in saved and saved[key] != current.get(key)
+    ]
+
+
+def check_checkpoint_settings(model_config: Namespace, checkpoint: dict[str, Any], path: Path) -> None:
+    """Raise when the checkpoint was made with other :data:`FROZEN_SETTINGS`; name the other settings that differ
+    (the user's values are used)."""
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    hparams.pop("_instantiator", None)
+    if not hparams:
+        return
+    saved, current = flatten(hparams), flatten(model_config)
+    frozen = changed_settings(saved, current, FROZEN_SETTINGS)
+    if frozen:
+        raise ValueError(
+            f"--ckpt_path {str(path)!r} was trained with other settings that cannot change on resume: "
+            f"{'; '.join(frozen)}. Use the checkpoint's values, or train a new run without --ckpt_path."
+        )
+    others = [key for key in saved if key not in FROZEN_SETTINGS]
+    differing = changed_settings(saved, current, others)
+    if differing:
+        rank_zero_info(
+            f"--ckpt_path {path.name}: using the given settings, which differ from the checkpoint's: "
+            + "; ".join(differing)
+        )
