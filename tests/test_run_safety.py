@@ -52,6 +52,8 @@ def test_ckpt_path_last_resumes_the_newest_version_of_the_run(tmp_path, monkeypa
         tmp_path / "runs" / RUN_NAME / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     )
     assert checkpoint["global_step"] == 5
+    config = (tmp_path / "runs" / RUN_NAME / "version_0" / "config.yaml").read_text()
+    assert "max_steps: 5" in config  # written once the resumed run started
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +111,25 @@ def test_settings_that_cannot_change_on_resume_are_refused_before_writing(
         main(digits_args(root, 4, *extra, "--ckpt_path", checkpoint))
     assert named in str(error.value)
     assert snapshot(root) == before
+
+
+class ResumeFailed(Exception):
+    """Stands in for any error while Lightning restores a checkpoint."""
+
+
+def test_a_failed_resume_leaves_the_run_folder_untouched(trained_run, tmp_path, monkeypatch):
+    from gflowdiff.module import GFlowDiffModule
+
+    root = copy_run(trained_run, tmp_path)
+    monkeypatch.chdir(root)
+    before = snapshot(root)
+
+    def fail(self, checkpoint):
+        raise ResumeFailed
+
+    monkeypatch.setattr(GFlowDiffModule, "on_load_checkpoint", fail)
+    with pytest.raises(ResumeFailed):
+        main(digits_args(root, 4, "--model.sampler.guidance_scale", "1.5", "--ckpt_path", "last"))
+    after = snapshot(root)
+    assert after.keys() >= before.keys()
+    assert [name for name in before if after[name] != before[name]] == []  # config.yaml above all

@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 import gflowdiff.objectives  # noqa: F401  (registers the objective plugins for class_path resolution)
@@ -26,6 +26,29 @@ from gflowdiff.preemption import PreemptionCheckpoint
 from gflowdiff.resume import check_checkpoint_settings, resolve_last_checkpoint
 
 LIGHTNING_CKPT_ALIASES = ("best", "last", "hpc", "registry")  # resolved by Lightning itself
+
+
+class SaveConfigWhenStarted(SaveConfigCallback):
+    """LightningCLI's ``config.yaml`` writer, deferred from ``setup`` to the start of the loop that runs (training,
+    validation, test, predict): a resume that fails while restoring the checkpoint leaves the run's config intact."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Nothing yet: the checkpoint is restored after ``setup``."""
+
+    def save_now(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().setup(trainer, pl_module, trainer.state.stage or "fit")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.save_now(trainer, pl_module)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.save_now(trainer, pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.save_now(trainer, pl_module)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.save_now(trainer, pl_module)
 
 
 class GFlowDiffCLI(LightningCLI):
@@ -97,6 +120,7 @@ def main(args: list[str] | None = None) -> GFlowDiffCLI:
         GFlowDiffModule,
         PromptDataModule,
         seed_everything_default=0,
+        save_config_callback=SaveConfigWhenStarted,
         save_config_kwargs={"overwrite": True},
         args=args,
     )
