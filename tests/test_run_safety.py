@@ -3,7 +3,12 @@ run folders, locks. Runs the embedded digits model in-process for a few steps.""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,6 +59,7 @@ def test_ckpt_path_last_resumes_the_newest_version_of_the_run(tmp_path, monkeypa
     assert checkpoint["global_step"] == 5
     config = (tmp_path / "runs" / RUN_NAME / "version_0" / "config.yaml").read_text()
     assert "max_steps: 5" in config  # written once the resumed run started
+    assert not (tmp_path / "runs" / RUN_NAME / "version_0" / "gflowdiff.lock").exists()  # released at the end
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +139,58 @@ def test_a_failed_resume_leaves_the_run_folder_untouched(trained_run, tmp_path, 
     after = snapshot(root)
     assert after.keys() >= before.keys()
     assert [name for name in before if after[name] != before[name]] == []  # config.yaml above all
+
+
+def lock_held_by(path: Path, pid: int, host: str | None = None, slurm_job_id: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "slurm_job_id": slurm_job_id}))
+
+
+@pytest.fixture
+def live_pid():
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield process.pid
+    process.kill()
+    process.wait()
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_second_live_run_on_the_same_version_folder_is_refused(trained_run, tmp_path, monkeypatch, live_pid):
+    from gflowdiff.run_lock import LOCK_NAME
+
+    root = copy_run(trained_run, tmp_path)
+    monkeypatch.chdir(root)
+    lock = root / "runs" / RUN_NAME / "version_0" / LOCK_NAME
+    lock_held_by(lock, live_pid)
+    before = snapshot(root)
+    with pytest.raises(RuntimeError, match=f"in use by pid {live_pid} on {socket.gethostname()}"):
+        main(digits_args(root, 4, "--trainer.logger.init_args.version", "0", "--ckpt_path", "last"))
+    assert snapshot(root) == before
+
+
+def test_run_lock_takes_over_stale_locks_and_requeued_jobs_only(tmp_path, monkeypatch, live_pid, dead_pid):
+    from gflowdiff.run_lock import RunFolderLocked, acquire, read_holder, release
+
+    lock = tmp_path / "version_0" / "gflowdiff.lock"
+    lock_held_by(lock, dead_pid)
+    with pytest.warns(UserWarning, match=f"process {dead_pid} is no longer running"):
+        acquire(lock)
+    assert read_holder(lock)["pid"] == os.getpid()
+    release(lock)
+    assert not lock.exists()
+
+    lock_held_by(lock, live_pid, host="another-node")  # cannot be checked from here: refused
+    with pytest.raises(RunFolderLocked, match="if that process is no longer running, delete"):
+        acquire(lock)
+    lock_held_by(lock, live_pid, host="another-node", slurm_job_id="1234")
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")  # the same job, requeued: its previous run is gone
+    with pytest.warns(UserWarning, match="SLURM job \\(1234\\), requeued"):
+        acquire(lock)
+    release(lock)
+    assert not lock.exists()

@@ -24,6 +24,7 @@ from gflowdiff.data import PromptDataModule
 from gflowdiff.module import GFlowDiffModule
 from gflowdiff.preemption import PreemptionCheckpoint
 from gflowdiff.resume import check_checkpoint_settings, resolve_last_checkpoint
+from gflowdiff.run_lock import run_folder_lock
 
 LIGHTNING_CKPT_ALIASES = ("best", "last", "hpc", "registry")  # resolved by Lightning itself
 
@@ -105,13 +106,14 @@ class GFlowDiffCLI(LightningCLI):
             check_checkpoint_settings(config.model, checkpoint, Path(path))
             self.resume_checkpoint = checkpoint  # checked against the built model in _prepare_subcommand_kwargs
 
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-        """Before the trainer runs (and writes anything): the checkpoint fits the built model and its optimizer."""
-        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Before the trainer writes anything: the checkpoint fits the built model and its optimizer, and this
+        process takes the run folder's lock (run_lock.py), held until the subcommand ends."""
         if self.resume_checkpoint is not None:
             check_resumable(self.model, self.resume_checkpoint, with_optimizer=subcommand == "fit")
             self.resume_checkpoint = None
-        return kwargs
+        with run_folder_lock(self.trainer):
+            super()._run_subcommand(subcommand)
 
 
 def main(args: list[str] | None = None) -> GFlowDiffCLI:
