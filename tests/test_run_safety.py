@@ -194,3 +194,11 @@ def test_run_lock_takes_over_stale_locks_and_requeued_jobs_only(tmp_path, monkey
         acquire(lock)
     release(lock)
     assert not lock.exists()
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_evaluating_without_a_checkpoint_says_it_scores_the_pretrained_model(tmp_path, monkeypatch, subcommand):
+    monkeypatch.chdir(tmp_path)
+    args = digits_args(tmp_path, 1, "--trainer.limit_val_batches", "0", "--trainer.limit_test_batches", "0")
+    with pytest.warns(UserWarning, match=f"gflowdiff {subcommand}: no --ckpt_path given: scoring the PRETRAINED"):
+        main([subcommand, *args[1:]])

@@ -3,6 +3,9 @@
 Objectives and rewards are chosen by type: ``--model.objective ResidualNablaDB`` or, in YAML,
 ``model.objective: {class_path: ResidualNablaDB, init_args: {...}}``. Every public class in
 :mod:`gflowdiff.objectives` and :mod:`gflowdiff.rewards` resolves by its short name.
+
+``validate``/``test`` score the checkpoint given by ``--ckpt_path``; without one they score the pretrained model
+(a baseline, which is useful) and say so in a warning at start-up.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_warn
 
 import gflowdiff.objectives  # noqa: F401  (registers the objective plugins for class_path resolution)
 import gflowdiff.rewards  # noqa: F401  (registers the reward plugins)
@@ -26,6 +30,11 @@ from gflowdiff.preemption import PreemptionCheckpoint
 from gflowdiff.resume import check_checkpoint_settings, resolve_last_checkpoint
 from gflowdiff.run_lock import run_folder_lock
 
+EVALUATING = ("validate", "test")
+PRETRAINED_NOTICE = (
+    "gflowdiff {subcommand}: no --ckpt_path given: scoring the PRETRAINED model (its LoRA update is zero at start). "
+    "Pass --ckpt_path <run>/checkpoints/last.ckpt (or --ckpt_path last) to score a fine-tuned run."
+)
 LIGHTNING_CKPT_ALIASES = ("best", "last", "hpc", "registry")  # resolved by Lightning itself
 
 
@@ -112,6 +121,8 @@ class GFlowDiffCLI(LightningCLI):
         if self.resume_checkpoint is not None:
             check_resumable(self.model, self.resume_checkpoint, with_optimizer=subcommand == "fit")
             self.resume_checkpoint = None
+        if subcommand in EVALUATING and not self.config[subcommand].get("ckpt_path"):
+            rank_zero_warn(PRETRAINED_NOTICE.format(subcommand=subcommand))
         with run_folder_lock(self.trainer):
             super()._run_subcommand(subcommand)
 
