@@ -3,7 +3,9 @@
     gflowdiff compare --configs configs/digits/*.yaml --seeds 0 1 2 --steps 100 --out runs/compare
 
 A config may be a ``+``-joined composition ``A.yaml+B.yaml`` (``--config A.yaml --config B.yaml``), e.g. a base
-config plus a small override file. Each run is ``gflowdiff fit`` in its own process (``<out>/<config>/seed<S>/``).
+config plus a small override file. Each run is ``gflowdiff fit`` in its own process, in ``<out>/<name>/seed<S>-<key>``:
+the key hashes the configs' contents, the overrides, the steps and the seed, so an edited config, another config of
+the same file name or more ``--steps`` is a new run.
 A run whose ``done.json`` exists is reused, an interrupted one resumes from its ``last.ckpt``, and an evaluation whose
 ``metrics.json`` exists is reused: re-running the command only computes what is missing. ``--set KEY=VALUE`` adds a
 variant of every config (e.g. ``--set model.objective.init_args.reward_scale=2``); the variant's name carries it.
@@ -13,13 +15,15 @@ Outputs: ``<out>/results.md`` (mean ± std over seeds), ``<out>/reward_vs_step.p
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 
@@ -27,22 +31,48 @@ def config_parts(config: Path) -> list[Path]:
     return [Path(part) for part in str(config).split("+")]
 
 
+def run_key(config: Path, overrides: tuple[str, ...], steps: int, seed: int) -> str:
+    """A short hash of what determines a run: the contents of its config files (in order), its overrides, steps and
+    seed. Two configs with the same file name, an edited config or more ``--steps`` each get their own run."""
+    digest = hashlib.sha256()
+    for part in config_parts(config):
+        digest.update(part.read_bytes() + b"\0")
+    digest.update(json.dumps({"overrides": list(overrides), "steps": steps, "seed": seed}).encode())
+    return digest.hexdigest()[:10]
+
+
 @dataclass(frozen=True)
 class RunSpec:
+    """One training run of the comparison. ``label`` names it in the table when the configs' file names clash."""
+
     config: Path
     seed: int
     overrides: tuple[str, ...]
     out: Path
     steps: int
+    label: str | None = None
 
     @property
     def name(self) -> str:
+        return self.label or self.base_name
+
+    @property
+    def base_name(self) -> str:
         tags = [o.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + o.split("=", 1)[1] for o in self.overrides]
         return "__".join(["+".join(part.stem for part in config_parts(self.config)), *tags])
 
+    @cached_property
+    def key(self) -> str:
+        return run_key(self.config, self.overrides, self.steps, self.seed)
+
     @property
     def directory(self) -> Path:
-        return self.out / self.name / f"seed{self.seed}"
+        """``<out>/<name>/seed<S>-<key>``: the key keeps runs of other contents or steps apart."""
+        return self.out / self.name / self.run_folder_name
+
+    @property
+    def run_folder_name(self) -> str:
+        return f"seed{self.seed}-{self.key}"
 
     @property
     def version(self) -> Path:
@@ -70,7 +100,7 @@ class RunSpec:
             "--trainer.logger.init_args.save_dir",
             str(self.out / self.name),
             "--trainer.logger.init_args.name",
-            f"seed{self.seed}",
+            self.run_folder_name,
             "--trainer.logger.init_args.version",
             "0",
             "--trainer.enable_progress_bar",
@@ -124,11 +154,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_specs(args: argparse.Namespace) -> list[RunSpec]:
     override_sets = [()] + [(variant,) for variant in args.variants]
-    return [
+    specs = [
         RunSpec(config, seed, overrides, args.out, args.steps)
         for config in args.configs
         for overrides in override_sets
         for seed in args.seeds
+    ]
+    return label_clashing_names(specs)
+
+
+def label_clashing_names(specs: list[RunSpec]) -> list[RunSpec]:
+    """Configs whose file names give the same run name but whose contents differ get the name plus their content
+    key (``run@1a2b3c``), so the table shows them apart instead of as seeds of one config."""
+    contents: dict[str, set[str]] = {}
+    for spec in specs:
+        contents.setdefault(spec.base_name, set()).add(run_key(spec.config, spec.overrides, 0, 0))
+    return [
+        replace(spec, label=f"{spec.base_name}@{run_key(spec.config, spec.overrides, 0, 0)[:6]}")
+        if len(contents[spec.base_name]) > 1
+        else spec
+        for spec in specs
     ]
 
 
