@@ -133,6 +133,9 @@ def main(args: list[str] | None = None) -> GFlowDiffCLI:
         GFlowDiffModule,
         PromptDataModule,
         seed_everything_default=0,
+        # No top-level --optimizer/--lr_scheduler: they would replace configure_optimizers, i.e. the LoRA and flow
+        # head parameter groups, by one group. The optimizer is --model.optimizer.
+        auto_configure_optimizers=False,
         save_config_callback=SaveConfigWhenStarted,
         save_config_kwargs={"overwrite": True},
         args=args,
