@@ -102,9 +102,28 @@ def log_unlogged_step(trainer: L.Trainer, entry: dict[str, Any]) -> None:
         logger.save()
 
 
+def lora_state_with_unit_scale(policy: DiffusionPolicy) -> dict[str, torch.Tensor]:
+    """The UNet LoRA's state dict (peft keys) with each layer's ``alpha / rank`` folded into its ``lora_B``.
+
+    diffusers (``load_lora_weights``) and other loaders read a LoRA file without alphas at scale 1 (alpha = rank), so
+    the fold makes every loader compute gflowdiff's ΔW = (alpha / rank)·B·A, whatever ``--model.lora.alpha`` is.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    state = dict(policy.lora_state_dict())
+    for name, layer in policy.unet.named_modules():
+        if isinstance(layer, LoraLayer):
+            for adapter, scale in layer.scaling.items():
+                key = f"{name}.lora_B.weight"
+                if adapter in layer.lora_B and key in state and scale != 1.0:
+                    state[key] = state[key] * scale
+    return state
+
+
 def export_lora(policy: DiffusionPolicy, directory: str | Path) -> Path:
     """Write the UNet LoRA in diffusers format (``pytorch_lora_weights.safetensors``): ``pipe.load_lora_weights``
-    and ``unet.load_lora_adapter(dir, weight_name=...)`` load it."""
+    and ``unet.load_lora_adapter(dir, weight_name=...)`` load it and reproduce the fine-tuned UNet (the alpha/rank
+    scale is folded into the weights: :func:`lora_state_with_unit_scale`)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
@@ -112,7 +131,8 @@ def export_lora(policy: DiffusionPolicy, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     # safetensors stores only contiguous tensors; with --model.channels_last, LoRA convolutions are channels-last
     layers = {
-        key: value.contiguous() for key, value in convert_state_dict_to_diffusers(policy.lora_state_dict()).items()
+        key: value.contiguous()
+        for key, value in convert_state_dict_to_diffusers(lora_state_with_unit_scale(policy)).items()
     }
     StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, weight_name=LORA_WEIGHT_NAME)
     return directory / LORA_WEIGHT_NAME
