@@ -23,6 +23,9 @@ from gflowdiff.diffusion_math import alpha_bar
 
 EMBEDDED_MODELS = {"embedded:digits": "zoo/weights/digits"}
 PRETRAINED_OPTION = "--model.pretrained_model"
+SUPPORTED_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # what DDIMScheduler computes ᾱ from
+SUPPORTED_TIMESTEP_SPACINGS = ("leading",)  # diffusion_math.previous_timesteps: t − T // N
+_ANNOUNCED_SCHEDULERS: set[tuple[str, str]] = set()  # (model path, scheduler class) already named in the log
 
 
 @dataclass
@@ -75,6 +78,45 @@ def load_model_index(path: str, revision: str | None) -> dict:
         ) from error
 
 
+def check_scheduler_config(config: dict, source: str) -> None:
+    """Refuse noise schedules that gflowdiff's transition math (diffusion_math.py, sampling.py) does not handle."""
+    beta_schedule = config.get("beta_schedule", "linear")
+    if config.get("trained_betas") is None and beta_schedule not in SUPPORTED_BETA_SCHEDULES:
+        raise ValueError(
+            f"{PRETRAINED_OPTION} {source}: scheduler beta_schedule {beta_schedule!r} is not supported; gflowdiff's "
+            f"DDIM math takes ᾱ from one of {list(SUPPORTED_BETA_SCHEDULES)} (or trained_betas)."
+        )
+    spacing = config.get("timestep_spacing", "leading")
+    if spacing not in SUPPORTED_TIMESTEP_SPACINGS:
+        raise ValueError(
+            f"{PRETRAINED_OPTION} {source}: scheduler timestep_spacing {spacing!r} is not supported; gflowdiff steps "
+            f"from t to t − num_train_timesteps // num_inference_steps, i.e. {list(SUPPORTED_TIMESTEP_SPACINGS)} "
+            f"spacing. Set timestep_spacing to 'leading' in {source}'s scheduler config to train with it."
+        )
+
+
+def load_scheduler(path: str, kwargs: dict):
+    """The folder's noise schedule as a DDIMScheduler, whatever class ``scheduler/`` names (SD-1.5 ships PNDM):
+    gflowdiff never calls ``scheduler.step``; it samples with its own DDIM η math from the same betas, and says so
+    once per model at start-up."""
+    from diffusers import DDIMScheduler
+    from lightning.pytorch.utilities import rank_zero_info
+
+    config = dict(DDIMScheduler.load_config(path, subfolder="scheduler", **kwargs))
+    check_scheduler_config(config, path)
+    loaded = config.get("_class_name", "an unnamed scheduler")
+    scheduler = DDIMScheduler.from_config(config)
+    if (path, loaded) not in _ANNOUNCED_SCHEDULERS:
+        _ANNOUNCED_SCHEDULERS.add((path, loaded))
+        schedule = "trained_betas" if config.get("trained_betas") is not None else scheduler.config.beta_schedule
+        rank_zero_info(
+            f"{PRETRAINED_OPTION} {path}: scheduler/ holds {loaded}; gflowdiff samples with its own DDIM η math "
+            f"(sampling.py) on the same betas ({schedule}, {scheduler.config.num_train_timesteps} training steps, "
+            f"'leading' timesteps), not with {loaded}.step."
+        )
+    return scheduler
+
+
 class DiffusionPolicy(nn.Module):
     """UNet + LoRA, text encoder, tokenizer, optional VAE and the sampler's noise schedule.
 
@@ -90,7 +132,7 @@ class DiffusionPolicy(nn.Module):
     ):
         super().__init__()
         import transformers
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from diffusers import AutoencoderKL, UNet2DConditionModel
         from peft import LoraConfig
 
         lora = lora or LoRAConfig()
@@ -112,7 +154,7 @@ class DiffusionPolicy(nn.Module):
             if has_vae
             else None
         )
-        self.scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs)
+        self.scheduler = load_scheduler(path, kwargs)
         self.frozen_dtype = frozen_dtype
         self.adapters_active = True  # False inside reference()
 
