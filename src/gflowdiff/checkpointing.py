@@ -171,11 +171,15 @@ class SafeCheckpointIO(TorchCheckpointIO):
             return torch.load(path, map_location=map_location or "cpu", weights_only=True)
         except Exception as error:
             others = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path)
+            # torch's unpickling errors advise weights_only=False, i.e. running arbitrary code from the file: never
+            # pass that on (nor chain the error, whose traceback would print it).
+            text = str(error).splitlines()[0] if str(error) else ""
+            detail = type(error).__name__ + ("" if not text or "weights_only" in text else f": {text}")
             raise RuntimeError(
-                f"checkpoint {str(path)!r} is truncated, corrupt or holds objects that are not plain tensors/values "
-                f"({type(error).__name__}: {str(error).splitlines()[0]}). Other checkpoints in that folder: "
+                f"checkpoint {str(path)!r} cannot be read: it is truncated, corrupt, not a gflowdiff checkpoint, or "
+                f"holds objects that are not plain tensors/values ({detail}). Other checkpoints in that folder: "
                 f"{', '.join(others) or 'none'}; pass one with --ckpt_path."
-            ) from error
+            ) from None
 
 
 def checkpoint_step(path: Path) -> int | None:

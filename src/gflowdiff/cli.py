@@ -10,14 +10,17 @@ Objectives and rewards are chosen by type: ``--model.objective ResidualNablaDB``
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -61,6 +64,61 @@ class SaveConfigWhenStarted(SaveConfigCallback):
         self.save_now(trainer, pl_module)
 
 
+def plugin_choices(kind: str) -> list[str]:
+    """The short names ``--model.<kind>`` resolves: the concrete public classes of gflowdiff.objectives /
+    gflowdiff.rewards."""
+    from gflowdiff.objectives.base import Objective
+    from gflowdiff.rewards.base import Reward
+
+    package, base = (gflowdiff.objectives, Objective) if kind == "objective" else (gflowdiff.rewards, Reward)
+    classes = [getattr(package, name, None) for name in package.__all__]
+    return sorted(
+        c.__name__
+        for c in classes
+        if isinstance(c, type) and issubclass(c, base) and c is not base and not inspect.isabstract(c)
+    )
+
+
+def unknown_plugin_message(message: str) -> str | None:
+    """For the parser's "Expected a dot import path" error on ``model.objective``/``model.reward``: a one-line
+    message with the valid names; None for any other error."""
+    key = re.match(r'Parser key "model\.(objective|reward)"', message)
+    if key is None or "import path" not in message:
+        return None
+    value = re.search(r"dot import path string: (\S+)", message)
+    given = f" {value.group(1)!r}" if value else ""
+    return (
+        f"--model.{key.group(1)}: unknown {key.group(1)}{given}; known: {', '.join(plugin_choices(key.group(1)))} "
+        f"(or the full class path of your own subclass, e.g. my_package.My{key.group(1).title()})"
+    )
+
+
+class GFlowDiffParser(LightningArgumentParser):
+    """LightningCLI's parser; an unknown objective or reward name gets a one-line error listing the valid ones
+    instead of the usage block and jsonargparse's "Expected a path" message."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        friendly = unknown_plugin_message(message)
+        if friendly is None or not self.exit_on_error:
+            return super().error(friendly or message, ex)
+        sys.stderr.write(f"error: {friendly}\ntip: gflowdiff fit --help lists every option\n")
+        self.exit(2)
+
+
+def check_option_values(model: Any) -> None:
+    """Values the classes would accept silently or reject only once the model is loaded."""
+    optimizer_args = (model.get("optimizer") or {}).get("init_args") or {}
+    for option, value in [
+        ("optimizer.init_args.lr", optimizer_args.get("lr")),
+        ("flow_head_lr", model.get("flow_head_lr")),
+    ]:
+        if value is not None and value < 0:
+            raise ValueError(f"--model.{option} must be >= 0 (got {value})")
+    guidance = (model.get("sampler") or {}).get("guidance_scale")
+    if guidance is not None and guidance < 0:
+        raise ValueError(f"--model.sampler.guidance_scale must be >= 0 (got {guidance}; 1 disables guidance)")
+
+
 class GFlowDiffCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("seed_everything", "model.seed")
@@ -75,6 +133,7 @@ class GFlowDiffCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_option_values(config.model)
         torch.set_float32_matmul_precision(config.float32_matmul_precision)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
@@ -137,6 +196,7 @@ def main(args: list[str] | None = None) -> GFlowDiffCLI:
         # head parameter groups, by one group. The optimizer is --model.optimizer.
         auto_configure_optimizers=False,
         save_config_callback=SaveConfigWhenStarted,
+        parser_class=GFlowDiffParser,
         save_config_kwargs={"overwrite": True},
         args=args,
     )
@@ -145,8 +205,6 @@ def main(args: list[str] | None = None) -> GFlowDiffCLI:
 def console_main() -> None:
     """The ``gflowdiff`` console script (returns nothing: a returned object would become the exit status).
     ``gflowdiff compare ...`` runs the ablation command (compare.py); everything else is LightningCLI's."""
-    import sys
-
     if sys.argv[1:2] == ["compare"]:
         from gflowdiff.compare import main as compare_main
 

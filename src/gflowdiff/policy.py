@@ -42,6 +42,28 @@ class LoRAConfig:
     alpha: float = 8.0
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError("--model.lora.rank must be >= 1")
+        if not self.alpha > 0:
+            raise ValueError("--model.lora.alpha must be > 0")
+        if not self.target_modules:
+            raise ValueError("--model.lora.target_modules must name at least one layer (e.g. [to_q, to_k, to_v])")
+
+
+def check_lora_targets(unet: nn.Module, target_modules: list[str]) -> None:
+    """Every ``--model.lora.target_modules`` entry must name a Linear/Conv2d layer of the UNet (as peft matches it:
+    the end of a module's dotted name)."""
+    layers = [name for name, module in unet.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
+    for target in target_modules:
+        if not any(name == target or name.endswith(f".{target}") for name in layers):
+            suffixes = sorted({".".join(name.split(".")[-2:]) if name.split(".")[-1].isdigit() else
+                               name.rsplit(".", 1)[-1] for name in layers})  # fmt: skip
+            raise ValueError(
+                f"--model.lora.target_modules: {target!r} matches no layer of the UNet; its Linear/Conv2d layers "
+                f"end in: {', '.join(suffixes)}"
+            )
+
 
 def resolve_pretrained_path(name: str) -> str:
     """Map ``embedded:<name>`` to the packaged folder; check that a path-like name exists; pass hub ids through."""
@@ -161,6 +183,7 @@ class DiffusionPolicy(nn.Module):
         for module in (self.text_encoder, self.unet, self.vae):
             if module is not None:
                 module.requires_grad_(False).eval()
+        check_lora_targets(self.unet, list(lora.target_modules))
         self.unet.add_adapter(
             LoraConfig(
                 r=lora.rank,
