@@ -202,3 +202,16 @@ def test_evaluating_without_a_checkpoint_says_it_scores_the_pretrained_model(tmp
     args = digits_args(tmp_path, 1, "--trainer.limit_val_batches", "0", "--trainer.limit_test_batches", "0")
     with pytest.warns(UserWarning, match=f"gflowdiff {subcommand}: no --ckpt_path given: scoring the PRETRAINED"):
         main([subcommand, *args[1:]])
+
+
+def test_a_model_folder_given_by_another_path_is_the_same_model(tmp_path, monkeypatch):
+    from jsonargparse import Namespace
+
+    from gflowdiff.resume import check_checkpoint_settings
+
+    (tmp_path / "models" / "sd").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    checkpoint = {"hyper_parameters": {"pretrained_model": str(tmp_path / "models" / "sd")}}
+    check_checkpoint_settings(Namespace(pretrained_model="./models/sd"), checkpoint, Path("x.ckpt"))
+    with pytest.raises(ValueError, match="--model.pretrained_model"):
+        check_checkpoint_settings(Namespace(pretrained_model="embedded:digits"), checkpoint, Path("x.ckpt"))

@@ -38,7 +38,7 @@ PRETRAINED_NOTICE = (
     "gflowdiff {subcommand}: no --ckpt_path given: scoring the PRETRAINED model (its LoRA update is zero at start). "
     "Pass --ckpt_path <run>/checkpoints/last.ckpt (or --ckpt_path last) to score a fine-tuned run."
 )
-LIGHTNING_CKPT_ALIASES = ("best", "last", "hpc", "registry")  # resolved by Lightning itself
+LIGHTNING_CKPT_ALIASES = ("best", "hpc", "registry")  # resolved by Lightning itself ("last" is ours: resume.py)
 
 
 class SaveConfigWhenStarted(SaveConfigCallback):

@@ -143,11 +143,18 @@ def option(key: str) -> str:
     return f"--model.{key}"
 
 
+def comparable(key: str, value: Any) -> Any:
+    """A model folder by its real path, so ``./models/sd`` and ``/abs/models/sd`` are the same model."""
+    if key == "pretrained_model" and isinstance(value, str) and os.path.isdir(os.path.expanduser(value)):
+        return os.path.realpath(os.path.expanduser(value))
+    return value
+
+
 def changed_settings(saved: dict[str, Any], current: dict[str, Any], keys: Iterable[str]) -> list[str]:
     return [
         f"{option(key)} (checkpoint: {short(saved[key])!r}, now: {short(current.get(key))!r})"
         for key in keys
-        if key in saved and saved[key] != current.get(key)
+        if key in saved and comparable(key, saved[key]) != comparable(key, current.get(key))
     ]
 
 
