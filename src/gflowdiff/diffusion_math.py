@@ -35,6 +35,25 @@ def predicted_x0(x: Tensor, eps: Tensor, abar_t: Tensor) -> Tensor:
     return (x - (1 - a).sqrt() * eps) / a.sqrt()
 
 
+def epsilon_from_model_output(output: Tensor, x: Tensor, abar_t: Tensor, prediction_type: str) -> Tensor:
+    """The model output as ε̂, whatever the UNet was trained to predict (DDIMScheduler.step's conversions):
+
+    - ``epsilon``: the output is ε̂;
+    - ``v_prediction`` (v = √ᾱ_t·ε − √(1−ᾱ_t)·x0, SD 2.x): ε̂ = √ᾱ_t·v + √(1−ᾱ_t)·x_t;
+    - ``sample`` (the output is x̂0): ε̂ = (x_t − √ᾱ_t·x̂0) / √(1−ᾱ_t).
+
+    Each map is affine in the output with x_t fixed, so it commutes with classifier-free guidance. ``abar_t`` is (B,).
+    """
+    if prediction_type == "epsilon":
+        return output
+    a = per_sample(abar_t, x)
+    if prediction_type == "v_prediction":
+        return a.sqrt() * output + (1 - a).sqrt() * x
+    if prediction_type == "sample":
+        return (x - a.sqrt() * output) / (1 - a).sqrt()
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; known: epsilon, v_prediction, sample")
+
+
 def ddim_std(abar_t: Tensor, abar_prev: Tensor, eta: float = 1.0) -> Tensor:
     """σ_t = η·√((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev)) (DDIM Eq. 16); η = 1 is the DDPM posterior std. Shape (B,)."""
     variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)

@@ -19,12 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from gflowdiff.adapter_rows import LoraRowMask, all_rows
-from gflowdiff.diffusion_math import alpha_bar
+from gflowdiff.diffusion_math import alpha_bar, epsilon_from_model_output
 
 EMBEDDED_MODELS = {"embedded:digits": "zoo/weights/digits"}
 PRETRAINED_OPTION = "--model.pretrained_model"
 SUPPORTED_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # what DDIMScheduler computes ᾱ from
 SUPPORTED_TIMESTEP_SPACINGS = ("leading",)  # diffusion_math.previous_timesteps: t − T // N
+SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusion_math.epsilon_from_model_output
 _ANNOUNCED_SCHEDULERS: set[tuple[str, str]] = set()  # (model path, scheduler class) already named in the log
 
 
@@ -115,6 +116,12 @@ def check_scheduler_config(config: dict, source: str) -> None:
             f"from t to t − num_train_timesteps // num_inference_steps, i.e. {list(SUPPORTED_TIMESTEP_SPACINGS)} "
             f"spacing. Set timestep_spacing to 'leading' in {source}'s scheduler config to train with it."
         )
+    prediction_type = config.get("prediction_type", "epsilon")
+    if prediction_type not in SUPPORTED_PREDICTION_TYPES:
+        raise ValueError(
+            f"{PRETRAINED_OPTION} {source}: scheduler prediction_type {prediction_type!r} is not supported; gflowdiff "
+            f"converts the UNet's output to ε̂ for one of {list(SUPPORTED_PREDICTION_TYPES)}."
+        )
 
 
 def load_scheduler(path: str, kwargs: dict):
@@ -197,6 +204,7 @@ class DiffusionPolicy(nn.Module):
         self.lora_row_mask = LoraRowMask(self.unet)
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.float().clone(), persistent=False)
         self.final_alpha_cumprod = float(self.scheduler.final_alpha_cumprod)
+        self.prediction_type = self.scheduler.config.prediction_type  # what the UNet outputs; predict_noise → ε̂
 
     # ---- shapes ------------------------------------------------------------------------------------------------
     @property
@@ -254,9 +262,24 @@ class DiffusionPolicy(nn.Module):
     ) -> Tensor:
         """CFG-combined ε̂ = ε_u + w·(ε_c − ε_u) in fp32, one UNet call on the batch [uncond; cond] (2B).
 
-        ``lora_rows`` (B,) bool: the LoRA acts only on these rows; the others get the pretrained policy's ε̂^#.
+        The UNet's output is read as the scheduler's ``prediction_type`` says (ε, v or x̂0) and returned as ε̂, so all
+        transition math downstream is ε-based. ``lora_rows`` (B,) bool: the LoRA acts only on these rows; the others
+        get the pretrained policy's ε̂^#.
         """
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        output = self.guided_output(x, t, prompt_embeds, negative_embeds, guidance_scale, lora_rows)
+        return epsilon_from_model_output(output, x.float(), self.alpha_bar(t), self.prediction_type)
+
+    def guided_output(
+        self,
+        x: Tensor,
+        t: Tensor,
+        prompt_embeds: Tensor,
+        negative_embeds: Tensor,
+        guidance_scale: float,
+        lora_rows: Tensor | None = None,
+    ) -> Tensor:
+        """The CFG-combined raw UNet output (ε, v or x̂0, as ``prediction_type`` says) in fp32; t is (B,)."""
         if guidance_scale == 1.0:
             with self.lora_on_rows(lora_rows):
                 return self.unet(x.to(self.frozen_dtype), t, encoder_hidden_states=prompt_embeds).sample.float()
@@ -266,8 +289,8 @@ class DiffusionPolicy(nn.Module):
                 torch.cat([t, t]),
                 encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds]),
             ).sample.float()
-        eps_uncond, eps_cond = out.chunk(2)
-        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        uncond, cond = out.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
 
     def lora_on_rows(self, rows_on: Tensor | None) -> AbstractContextManager:
         """The LoRA on the rows where ``rows_on`` is True only (:mod:`gflowdiff.adapter_rows`); nothing to do when
