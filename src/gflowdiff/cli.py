@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_warn
@@ -30,6 +31,7 @@ from gflowdiff.checkpointing import SafeCheckpointIO, check_resumable
 from gflowdiff.data import PromptDataModule
 from gflowdiff.module import GFlowDiffModule
 from gflowdiff.preemption import PreemptionCheckpoint
+from gflowdiff.quiet import StepProgressBar, silence_known_messages
 from gflowdiff.resume import check_checkpoint_settings, resolve_last_checkpoint
 from gflowdiff.run_lock import run_folder_lock
 
@@ -138,8 +140,8 @@ class GFlowDiffCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Defaults every run gets unless the config says otherwise: atomic, weights-only checkpoint IO; a
-        step-boundary preemption checkpoint; and, on SLURM, Lightning's environment without its own mid-step
-        auto-requeue handler (preemption.py explains why)."""
+        step-boundary preemption checkpoint; a progress bar counting optimizer steps (quiet.py); and, on SLURM,
+        Lightning's environment without its own mid-step auto-requeue handler (preemption.py explains why)."""
         plugins = list(config.get("plugins") or [])
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(SafeCheckpointIO())
@@ -150,6 +152,8 @@ class GFlowDiffCLI(LightningCLI):
         configured = (configured if isinstance(configured, list) else [configured]) + list(callbacks)
         if not any(isinstance(c, PreemptionCheckpoint) for c in configured):
             callbacks = [*callbacks, PreemptionCheckpoint()]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
+            callbacks = [*callbacks, StepProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:
@@ -188,6 +192,7 @@ class GFlowDiffCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> GFlowDiffCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    silence_known_messages()
     return GFlowDiffCLI(
         GFlowDiffModule,
         PromptDataModule,
