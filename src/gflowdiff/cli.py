@@ -1,4 +1,5 @@
-"""``gflowdiff``: the LightningCLI entry point (fit, validate, test, predict) and ``gflowdiff compare``.
+"""``gflowdiff``: the LightningCLI entry point (fit, validate, test, predict), ``gflowdiff compare`` and
+the overview (``gflowdiff --help``, ``gflowdiff objectives``, ``gflowdiff rewards``).
 
 Objectives and rewards are chosen by type: ``--model.objective ResidualNablaDB`` or, in YAML,
 ``model.objective: {class_path: ResidualNablaDB, init_args: {...}}``. Every public class in
@@ -209,13 +210,25 @@ def main(args: list[str] | None = None) -> GFlowDiffCLI:
 
 def console_main() -> None:
     """The ``gflowdiff`` console script (returns nothing: a returned object would become the exit status).
-    ``gflowdiff compare ...`` runs the ablation command (compare.py); everything else is LightningCLI's."""
-    if sys.argv[1:2] == ["compare"]:
+
+    ``gflowdiff`` / ``-h`` / ``--help``: the overview (overview.py); ``objectives`` / ``rewards``: the plugin lists;
+    ``compare``: the ablation command (compare.py);
+    everything else (fit, validate, test) is LightningCLI's."""
+    command = sys.argv[1:2]
+    if command in ([], ["-h"], ["--help"]):
+        from gflowdiff.overview import print_overview
+
+        print_overview()
+    elif command in (["objectives"], ["rewards"]):
+        from gflowdiff.overview import print_plugins
+
+        print_plugins(command[0].removesuffix("s"))
+    elif command == ["compare"]:
         from gflowdiff.compare import main as compare_main
 
         compare_main(sys.argv[2:])
-        return
-    main()
+    else:
+        main()
 
 
 if __name__ == "__main__":
