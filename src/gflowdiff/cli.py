@@ -1,4 +1,4 @@
-"""``gflowdiff``: the LightningCLI entry point (fit, validate, test, predict), ``gflowdiff compare`` and
+"""``gflowdiff``: the LightningCLI entry point (fit, validate, test), ``gflowdiff compare``, ``gflowdiff sample`` and
 the overview (``gflowdiff --help``, ``gflowdiff objectives``, ``gflowdiff rewards``).
 
 Objectives and rewards are chosen by type: ``--model.objective ResidualNablaDB`` or, in YAML,
@@ -123,6 +123,13 @@ def check_option_values(model: Any) -> None:
 
 
 class GFlowDiffCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test; no predict (the module has no predict_step: ``gflowdiff sample`` writes samples)."""
+        commands = dict(LightningCLI.subcommands())
+        commands.pop("predict")
+        return commands
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("seed_everything", "model.seed")
         parser.link_arguments("seed_everything", "data.seed")
@@ -208,11 +215,17 @@ def main(args: list[str] | None = None) -> GFlowDiffCLI:
     )
 
 
+PREDICT_REPLACED = (
+    'error: gflowdiff has no predict; use gflowdiff sample --ckpt_path CKPT --prompts "a cat" --seeds 0 1 --out DIR '
+    "(gflowdiff sample --help)\n"
+)
+
+
 def console_main() -> None:
     """The ``gflowdiff`` console script (returns nothing: a returned object would become the exit status).
 
     ``gflowdiff`` / ``-h`` / ``--help``: the overview (overview.py); ``objectives`` / ``rewards``: the plugin lists;
-    ``compare``: the ablation command (compare.py);
+    ``sample``: PNGs of a checkpoint's samples (sample_images.py); ``compare``: the ablation command (compare.py);
     everything else (fit, validate, test) is LightningCLI's."""
     command = sys.argv[1:2]
     if command in ([], ["-h"], ["--help"]):
@@ -223,10 +236,17 @@ def console_main() -> None:
         from gflowdiff.overview import print_plugins
 
         print_plugins(command[0].removesuffix("s"))
+    elif command == ["sample"]:
+        from gflowdiff.sample_images import main as sample_main
+
+        sample_main(sys.argv[2:])
     elif command == ["compare"]:
         from gflowdiff.compare import main as compare_main
 
         compare_main(sys.argv[2:])
+    elif command == ["predict"]:
+        sys.stderr.write(PREDICT_REPLACED)
+        sys.exit(2)
     else:
         main()
 
