@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gflowdiff.evaluation import EvaluationConfig, EvaluationSamples, Evaluator, sample_pair
+from gflowdiff.evaluation import (
+    INDEPENDENT_NOISE_OFFSET,
+    EvaluationConfig,
+    EvaluationSamples,
+    Evaluator,
+    sample_pair,
+)
 from gflowdiff.types import Rollout
 
 if TYPE_CHECKING:
@@ -43,24 +49,30 @@ def evaluation_prompts(config: dict, samples: int) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(samples)]
 
 
+def report_beta(module: GFlowDiffModule) -> float:
+    """β of the target a run is compared with: its objective's; 1 for objectives that target none (ReFL, DRaFT,
+    DDPO), the β of every digits config."""
+    beta = module.objective.target_beta
+    return 1.0 if beta is None else float(beta)
+
+
 @torch.no_grad()
 def evaluate_module(
     module: GFlowDiffModule, prompts: list[str], batch_size: int = 128, pretrained_only: bool = False
 ) -> dict[str, float]:
-    """Metrics of ``module``'s fine-tuned sampler against its pretrained one, from the same noise per batch.
+    """Metrics of ``module``'s fine-tuned sampler against its pretrained one, from independent noise.
     ``pretrained_only`` puts the pretrained sampler with other noise in the fine-tuned place: the floor of every
     prior distance at this sample count, and the pretrained model's own reward and diversity."""
     from gflowdiff.sampling import sample_rollout
 
-    beta = float(getattr(module.objective, "reward_scale", 1.0))
-    evaluator = Evaluator(EvaluationConfig(), module.reward, beta)
+    evaluator = Evaluator(EvaluationConfig(), module.reward, report_beta(module))
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         seed = EVALUATION_SEED + start
         key = (module.hparams.get("pretrained_model"), repr(module.sampler), tuple(chunk), seed)
         if key not in _pretrained_samples:
             with module.policy.reference():
-                generator = torch.Generator().manual_seed(seed)
+                generator = torch.Generator().manual_seed(seed + INDEPENDENT_NOISE_OFFSET)
                 _pretrained_samples[key] = sample_rollout(
                     module.policy, chunk, module.reward, module.sampler, generator
                 )
@@ -101,7 +113,7 @@ def evaluate_run(spec: RunSpec, samples: int) -> dict[str, Any]:
         "seed": spec.seed,
         "samples": samples,
         "objective": type(module.objective).__name__,
-        "beta": float(getattr(module.objective, "reward_scale", 1.0)),
+        "beta": report_beta(module),
         "metrics": evaluate_module(module, prompts),
         "train_seconds": sum(step_seconds) if step_seconds else math.nan,  # rollouts + updates, as logged
         "reward_curve": logged_scalars(spec.version, "reward/mean"),
@@ -136,6 +148,7 @@ COLUMNS = [  # (metric key, header, format)
     ("prior_fid", "FID to prior ↓", "{:.1f}"),
     ("prior_kid", "KID to prior ↓", "{:.3f}"),
     ("target_tv", "target TV ↓", "{:.3f}"),
+    ("target_tv_floor", "TV floor", "{:.3f}"),
     ("target_reward", "target's reward", "{:.2f}"),
 ]
 

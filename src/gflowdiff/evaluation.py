@@ -1,7 +1,9 @@
 """Evaluation of a policy against its own pretrained model: reward, diversity, prior preservation, target fidelity.
 
-Both samplers start from the same noise, so every difference is due to the fine-tuning. Used by ``gflowdiff
-validate`` / ``test`` (through the LightningModule) and by ``gflowdiff compare``.
+The metrics compare fine-tuned samples with pretrained samples drawn from *independent* noise (samples from the same
+noise are correlated, which biases FID/KID and the target's TV); pretrained samples from the same noise are drawn
+only for the side-by-side pictures. Used by ``gflowdiff validate`` / ``test`` (through the LightningModule) and by
+``gflowdiff compare``.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ class EvaluationConfig:
             CLIP image embedding from ``feature_model``), or ``auto`` (the classifier when the reward has one).
         feature_model: CLIP hub id or local folder for ``feature_space: clip``.
         diversity_distance: ``cosine`` (1 − cos, DreamSim's form) or ``euclidean``.
-        compare_to_pretrained: also sample the pretrained model from the same noise (prior fidelity, target
-            fidelity and side-by-side grids need it; doubles the sampling cost).
+        compare_to_pretrained: also sample the pretrained model (prior fidelity, target fidelity and side-by-side
+            grids need it; doubles the sampling cost).
         grid_prompts: prompts whose pretrained | fine-tuned grids go to TensorBoard at each evaluation.
     """
 
@@ -47,10 +49,15 @@ class EvaluationConfig:
 
 @dataclass
 class EvaluationSamples:
-    """One evaluation batch: fine-tuned samples and, optionally, pretrained samples from the same noise."""
+    """One evaluation batch: fine-tuned samples; optionally pretrained samples from independent noise (for the
+    metrics) and from the fine-tuned samples' noise (for side-by-side pictures only)."""
 
     tuned: Rollout
     pretrained: Rollout | None
+    pretrained_same_noise: Rollout | None = None
+
+
+INDEPENDENT_NOISE_OFFSET = 7_777_777  # seed offset of the pretrained samples that the metrics compare against
 
 
 @torch.no_grad()
@@ -61,19 +68,23 @@ def sample_pair(
     sampler: SamplerConfig,
     seed: int,
     with_pretrained: bool,
+    same_noise_pretrained: bool = False,
 ) -> EvaluationSamples:
     tuned = sample_rollout(policy, prompts, reward, sampler, torch.Generator().manual_seed(seed))
-    pretrained = None
-    if with_pretrained:
-        with policy.reference():
-            pretrained = sample_rollout(policy, prompts, reward, sampler, torch.Generator().manual_seed(seed))
-    return EvaluationSamples(tuned, pretrained)
+    pretrained = same_noise = None
+    with policy.reference():
+        if with_pretrained:
+            generator = torch.Generator().manual_seed(seed + INDEPENDENT_NOISE_OFFSET)
+            pretrained = sample_rollout(policy, prompts, reward, sampler, generator)
+        if same_noise_pretrained:
+            same_noise = sample_rollout(policy, prompts, reward, sampler, torch.Generator().manual_seed(seed))
+    return EvaluationSamples(tuned, pretrained, same_noise)
 
 
 class Evaluator(nn.Module):
     """Holds the metrics of one evaluation; ``update`` per batch, ``compute`` → flat dict of floats, ``reset``."""
 
-    def __init__(self, config: EvaluationConfig, reward: Reward, reward_scale: float) -> None:
+    def __init__(self, config: EvaluationConfig, reward: Reward, target_beta: float | None) -> None:
         super().__init__()
         self.config = config
         self.features = build_feature_extractor(config.feature_space, reward, config.feature_model)
@@ -83,7 +94,9 @@ class Evaluator(nn.Module):
         self.pretrained_reward_stats = RewardStatistics()
         self.pretrained_diversity = PerPromptDiversity(config.diversity_distance)
         self.prior = PriorFidelity()
-        self.target = TargetFidelity(reward_scale) if self.classify is not None else None
+        # The tilted target p^#·exp(β·r) exists for objectives that declare a β; exact where r has a known bound.
+        can_classify = self.classify is not None and target_beta is not None
+        self.target = TargetFidelity(target_beta, reward.upper_bound) if can_classify else None
         self.batches_seen = 0
 
     def update(self, samples: EvaluationSamples) -> None:

@@ -33,7 +33,7 @@ def first_gradient_step(num_steps: int, backprop_steps: int) -> int:
 
 
 class DRaFT(Objective):
-    """Reward backpropagation through the last K sampler steps: loss = reward_scale · (−mean r(D(x_T))).
+    """Reward backpropagation through the last K sampler steps: loss = loss_scale · (−mean r(D(x_T))).
 
     Args:
         backprop_steps: K, the number of final sampler steps that carry gradients (1 = DRaFT-1; T = full
@@ -43,7 +43,7 @@ class DRaFT(Objective):
             0 is DRaFT-K.
         gradient_checkpointing: recompute the K differentiated UNet calls in the backward pass (torch.utils.checkpoint)
             instead of storing their activations, so a large K fits in memory.
-        reward_scale: multiplies the loss.
+        loss_scale: multiplies the loss.
         reuse_rollout_states: start from the rollout's stored state before the first differentiated step (exact,
             and free, when training on-policy); False re-samples the earlier steps without gradients from the
             trajectory's initial noise with the current policy.
@@ -56,7 +56,7 @@ class DRaFT(Objective):
         backprop_steps: int = 1,
         lv_samples: int = 0,
         gradient_checkpointing: bool = False,
-        reward_scale: float = 1.0,
+        loss_scale: float = 1.0,
         reuse_rollout_states: bool = True,
     ):
         super().__init__()
@@ -66,10 +66,10 @@ class DRaFT(Objective):
             raise ValueError("--model.objective.lv_samples must be >= 0")
         if lv_samples > 0 and backprop_steps != 1:
             raise ValueError("--model.objective.lv_samples > 0 (DRaFT-LV) needs --model.objective.backprop_steps 1")
-        if reward_scale <= 0:
-            raise ValueError("--model.objective.reward_scale must be > 0")
+        if loss_scale <= 0:
+            raise ValueError("--model.objective.loss_scale must be > 0")
         self.backprop_steps, self.lv_samples = backprop_steps, lv_samples
-        self.gradient_checkpointing, self.reward_scale = gradient_checkpointing, reward_scale
+        self.gradient_checkpointing, self.loss_scale = gradient_checkpointing, loss_scale
         self.reuse_rollout_states = reuse_rollout_states
 
     def transitions(self, rollout: Rollout, generator: torch.Generator) -> Transitions:
@@ -98,7 +98,7 @@ class DRaFT(Objective):
                 )
             x_final, prompts = x, chunk.prompts
         rewards = ctx.reward(ctx.policy.decode(x_final), prompts)
-        loss = self.reward_scale * reward_loss(rewards)
+        loss = self.loss_scale * reward_loss(rewards)
         metrics = {"objective/loss": loss.detach(), "objective/reward_final": rewards.detach().mean()}
         return ObjectiveOutput(loss=loss, metrics=metrics)
 

@@ -24,14 +24,14 @@ def draw_window_steps(
 
 
 class ReFL(Objective):
-    """Reward feedback learning: loss = reward_scale · (−mean r(D(x̂0_θ(x_k, t_k)))) at a random late step k.
+    """Reward feedback learning: loss = loss_scale · (−mean r(D(x̂0_θ(x_k, t_k)))) at a random late step k.
 
     Args:
         window_start: start of the window of trained steps, as a fraction of the T sampler steps (ReFL: step 30 of 40
             → 0.75).
         window_end: end (exclusive) of that window, as a fraction of T.
         margin: if set, use ReFL's hinge mean ReLU(margin − r) instead of −mean r (the released code uses 2).
-        reward_scale: multiplies the loss (ReFL's ``grad_scale``, 1e-3 for ImageReward).
+        loss_scale: multiplies the loss (ReFL's ``grad_scale``, 1e-3 for ImageReward).
         reuse_rollout_states: start from the rollout's stored state at step k (exact, and free, when training
             on-policy); False re-samples steps 0..k−1 from the trajectory's initial noise with the current policy
             (on-policy even with several optimizer steps per rollout or ``--model.off_policy``).
@@ -44,7 +44,7 @@ class ReFL(Objective):
         window_start: float = 0.75,
         window_end: float = 1.0,
         margin: float | None = None,
-        reward_scale: float = 1.0,
+        loss_scale: float = 1.0,
         reuse_rollout_states: bool = True,
     ):
         super().__init__()
@@ -53,10 +53,10 @@ class ReFL(Objective):
                 "--model.objective.window_start and --model.objective.window_end must satisfy "
                 f"0 <= window_start < window_end <= 1 (got {window_start}, {window_end})"
             )
-        if reward_scale <= 0:
-            raise ValueError("--model.objective.reward_scale must be > 0")
+        if loss_scale <= 0:
+            raise ValueError("--model.objective.loss_scale must be > 0")
         self.window_start, self.window_end = window_start, window_end
-        self.margin, self.reward_scale = margin, reward_scale
+        self.margin, self.loss_scale = margin, loss_scale
         self.reuse_rollout_states = reuse_rollout_states
 
     def transitions(self, rollout: Rollout, generator: torch.Generator) -> Transitions:
@@ -86,7 +86,7 @@ class ReFL(Objective):
         eps = policy.predict_noise(x, t, chunk.prompt_embeds, chunk.negative_embeds, sampler.guidance_scale)
         x0_hat = predicted_x0(x, eps, policy.alpha_bar(t))
         rewards = ctx.reward(policy.decode(x0_hat), chunk.prompts)
-        loss = self.reward_scale * reward_loss(rewards, self.margin)
+        loss = self.loss_scale * reward_loss(rewards, self.margin)
         metrics = {
             "objective/loss": loss.detach(),
             "objective/reward_x0_hat": rewards.detach().mean(),

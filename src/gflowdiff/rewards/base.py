@@ -13,12 +13,15 @@ class Reward(nn.Module, ABC):
     """A frozen reward model. Subclasses implement :meth:`score`; callers use ``reward(images, prompts)``.
 
     Class attributes declare what objectives may rely on: ``differentiable`` (the gradient with respect to the image
-    is meaningful, required by gradient objectives such as ∇-DB) and ``uses_prompt``. A reward is never trained and
+    is meaningful, required by gradient objectives such as ∇-DB), ``uses_prompt`` and ``upper_bound`` (a known r_max
+    with r(x) ≤ r_max for every image, or None; with it the evaluation samples the target exactly by rejection,
+    metrics/target_fidelity.py). A reward is never trained and
     never saved in a checkpoint (the LightningModule keeps only trainable state).
     """
 
     differentiable: ClassVar[bool] = True
     uses_prompt: ClassVar[bool] = False
+    upper_bound: ClassVar[float | None] = None
 
     def __init__(self) -> None:
         super().__init__()

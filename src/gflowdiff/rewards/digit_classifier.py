@@ -20,6 +20,8 @@ class DigitClassifierReward(Reward):
         weights: path to the classifier's safetensors; default: the packaged one.
     """
 
+    upper_bound = 0.0  # a log-probability
+
     def __init__(self, target_classes: list[int] = [0, 2, 4, 6, 8], weights: str | None = None):  # noqa: B006
         super().__init__()
         if not target_classes or any(not 0 <= c <= 9 for c in target_classes):
