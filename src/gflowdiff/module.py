@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import ParallelStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from gflowdiff.checkpointing import (
@@ -34,6 +34,7 @@ from gflowdiff.compilation import DEFAULT_BACKEND, CompileScope, check_compile_o
 from gflowdiff.data import DeferredPromptBatch
 from gflowdiff.evaluation import EvaluationConfig, Evaluator, sample_pair, side_by_side
 from gflowdiff.flow_head import FlowHead, FlowHeadConfig
+from gflowdiff.value_flow_head import ValueFlowHead
 from gflowdiff.images import image_grid
 from gflowdiff.memory_hints import out_of_memory_message
 from gflowdiff.memory_layout import use_channels_last
@@ -155,11 +156,11 @@ class GFlowDiffModule(L.LightningModule):
         self.bad_steps_in_a_row = 0
 
         self.policy = DiffusionPolicy(pretrained_model, revision, lora, DTYPES[frozen_dtype])
-        self.flow_head = (
-            FlowHead(flow_head, self.policy.latent_channels, self.policy.latent_size, self.policy.text_hidden_size)
-            if objective.uses_flow_head
-            else None
-        )
+        dims = (self.policy.latent_channels, self.policy.latent_size, self.policy.text_hidden_size)
+        self.flow_head: FlowHead | ValueFlowHead | None = None
+        if objective.uses_flow_head:
+            kind = getattr(objective, "flow_head_kind", "score")
+            self.flow_head = ValueFlowHead(*dims) if kind == "value" else FlowHead(flow_head, *dims)
         if channels_last:  # before compiling: the compiled graphs see the final layout
             use_channels_last(self.policy, self.flow_head, self.reward)
         if compile:
@@ -229,6 +230,7 @@ class GFlowDiffModule(L.LightningModule):
                 f"{len(rollout.rewards)} samples (on this rank)"
             )
             return
+        rollout = self.objective.prepare_rollout(rollout, self.context(generator))
         rollout_seconds = time.perf_counter() - started
         self.last_rollout_summary = {"prompts": rollout.prompts, "rewards": rollout.rewards.cpu()}
         self.log_rollout(rollout)
@@ -245,6 +247,12 @@ class GFlowDiffModule(L.LightningModule):
         totals: dict[str, float] = {}
         for group in groups:
             optimizer.zero_grad(set_to_none=True)
+            extra = self.objective.rollout_loss(rollout, context)
+            if extra is not None:
+                with self.gradient_sync(enabled=False):  # the group's last chunk all-reduces
+                    self.manual_backward(extra.loss)
+                for key, value in extra.metrics.items():
+                    totals[key] = totals.get(key, 0.0) + float(value) / len(groups)
             for index, chunk in enumerate(group):
                 with self.gradient_sync(enabled=index == len(group) - 1):  # DDP all-reduces once per step
                     output = self.objective.loss(chunk, context)
@@ -330,22 +338,28 @@ class GFlowDiffModule(L.LightningModule):
     # ---- evaluation ----------------------------------------------------------------------------------------------
     def get_evaluator(self) -> Evaluator:
         if self.evaluator is None:
-            beta = float(getattr(self.objective, "reward_scale", 1.0))
-            self.evaluator = Evaluator(self.evaluation, self.reward, beta).to(self.device)
+            self.evaluator = Evaluator(self.evaluation, self.reward, self.objective.target_beta).to(self.device)
         return self.evaluator
 
     def evaluation_step(self, prompts: list[str], batch_idx: int, stage: str) -> None:
         # The same noise at every evaluation, and for the pretrained and fine-tuned samples of a batch.
         seed = int(step_generator(self.seed + 1, self.global_rank, batch_idx).initial_seed())
+        grids = batch_idx == 0 and self.global_rank == 0 and self.evaluation.grid_prompts > 0
         samples = sample_pair(
-            self.policy, list(prompts), self.reward, self.sampler, seed, self.evaluation.compare_to_pretrained
+            self.policy,
+            list(prompts),
+            self.reward,
+            self.sampler,
+            seed,
+            self.evaluation.compare_to_pretrained,
+            same_noise_pretrained=grids and self.evaluation.compare_to_pretrained,
         )
         self.get_evaluator().update(samples)
         if batch_idx == 0 and self.global_rank == 0:
             self.log_image(f"samples/{stage}", samples.tuned.images, self.global_step)
             count = min(self.evaluation.grid_prompts, len(prompts))
-            if samples.pretrained is not None and count:  # pretrained | fine-tuned, one row per prompt
-                grid = side_by_side(samples.pretrained.images[:count], samples.tuned.images[:count])
+            if samples.pretrained_same_noise is not None and count:  # pretrained | fine-tuned from the same noise
+                grid = side_by_side(samples.pretrained_same_noise.images[:count], samples.tuned.images[:count])
                 self.log_image(f"samples/{stage}_pretrained_vs_finetuned", grid, self.global_step, columns=2)
 
     def log_evaluation(self, stage: str) -> None:
@@ -392,6 +406,16 @@ class GFlowDiffModule(L.LightningModule):
         restore_trainable_state(self, checkpoint)
 
     def on_train_start(self) -> None:
+        warm_up = getattr(self.objective, "warm_up", None)
+        if warm_up is not None and self.global_step == 0 and self.rollouts_done == 0:  # not on resume
+            prompts = getattr(self.trainer.datamodule, "train_prompt_list", None)
+            started = time.perf_counter()
+            metrics = warm_up(self.context(step_generator(self.seed, self.global_rank, -1)), prompts or [""])
+            if metrics:
+                seconds = time.perf_counter() - started
+                rank_zero_info(f"flow head warm-up: {metrics} in {seconds:.0f} s")
+                if self.logger is not None:  # part of the training time (scripts/convergence.py adds it)
+                    self.logger.log_metrics({**metrics, "train/warmup_seconds": seconds}, step=0)
         if self.unlogged_step is not None:  # resumed from a checkpoint written before its step's log
             log_unlogged_step(self.trainer, self.unlogged_step)
             self.unlogged_step = None

@@ -26,6 +26,13 @@ class Rollout:
     prompts: list[str]
     images: Tensor  # (B, C_img, H_img, W_img) decoded samples in [0, 1]
     rewards: Tensor  # (B,) log-rewards r(x_T)
+    # (B, T+1, C, H, W) pathwise estimates of ∇ log F̃ at every state (objectives/pathwise_flow.py), if the objective
+    # asks for them
+    flow_targets: Tensor | None = None
+    flow_target_weights: Tensor | None = None  # (B, T+1) importance weights of the states' pathwise flow scores
+    # Trajectories of the pretrained sampler for the same prompts, with pathwise flow scores at their states and
+    # weights R(x_T)^β (objectives/pathwise_flow.py: weighted regression of g_φ), if the objective asks for them
+    prior_paths: PriorPaths | None = None
 
     @property
     def batch_size(self) -> int:
@@ -52,6 +59,9 @@ class Rollout:
             rewards=self.rewards[trajectory],
             is_terminal=step == self.num_steps - 1,
             trajectory=trajectory,
+            flow_target_next=None if self.flow_targets is None else self.flow_targets[trajectory, step + 1],
+            flow_target_weights=None if self.flow_target_weights is None else self.flow_target_weights[trajectory, step],
+            prior_paths=None if self.prior_paths is None else self.prior_paths.at(trajectory, step + 1),
         )
 
     def subsampled_transitions(
@@ -65,11 +75,33 @@ class Rollout:
 
     def to_state(self) -> dict:
         """Tensors and prompts for a checkpoint (the off-policy buffer)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        state["prior_paths"] = None if self.prior_paths is None else vars(self.prior_paths)
+        return state
 
     @classmethod
     def from_state(cls, state: dict) -> Rollout:
+        state = dict(state)
+        if state.get("prior_paths") is not None:
+            state["prior_paths"] = PriorPaths(**state["prior_paths"])
         return cls(**state)
+
+
+@dataclass
+class PriorPaths:
+    """Pretrained trajectories, their pathwise flow scores a and their weights w = R(x_T)^β (normalised to mean 1)."""
+
+    latents: Tensor  # (B, T+1, C, H, W)
+    timesteps: Tensor  # (T+1,) DDPM timestep of each state (t − Δ < 0 for the final one)
+    targets: Tensor  # (B, T+1, C, H, W)
+    weights: Tensor  # (B,)
+
+    def at(self, trajectory: Tensor, state: Tensor) -> PriorPaths:
+        """The states (trajectory[i], state[i]) as a flat batch (latents, targets (N, C, H, W); timesteps, weights (N,))."""
+        return PriorPaths(
+            self.latents[trajectory, state], self.timesteps[state], self.targets[trajectory, state],
+            self.weights[trajectory],
+        )  # fmt: skip
 
 
 @dataclass
@@ -90,6 +122,10 @@ class Transitions:
     is_terminal: Tensor  # (N,) bool: x' is the final sample x_T
     trajectory: Tensor  # (N,) index of the trajectory in its rollout
     advantages: Tensor | None = None  # (N,) filled by policy-gradient objectives
+    flow_target_next: Tensor | None = None  # (N, C, H, W) pathwise estimate of ∇_{x'} log F̃(x') (Rollout.flow_targets)
+    flow_target_weights: Tensor | None = None  # (N,) importance weight of the path from x (pathwise_target_weights)
+
+    prior_paths: PriorPaths | None = None  # the pretrained trajectories' states at the same (trajectory, step + 1)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -108,6 +144,9 @@ class Transitions:
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 values[f.name] = value[index]
+            elif isinstance(value, PriorPaths):
+                values[f.name] = PriorPaths(value.latents[index], value.timesteps[index], value.targets[index],
+                                            value.weights[index])  # fmt: skip
             elif isinstance(value, list):
                 values[f.name] = [value[i] for i in index.tolist()]
             else:

@@ -127,6 +127,10 @@ class ScalarDBObjective(Objective):
     def uses_flow_head(self) -> bool:
         return True  # the trunk of the scalar log-flow F_φ (see the module docstring)
 
+    @property
+    def target_beta(self) -> float:
+        return self.reward_scale
+
     def transitions(self, rollout: Rollout, generator: torch.Generator) -> Transitions:
         return rollout.subsampled_transitions(self.timestep_fraction, self.low_variance_subsampling, generator)
 

@@ -41,6 +41,12 @@ class Objective(nn.Module, ABC):
     def uses_flow_head(self) -> bool:
         return False
 
+    @property
+    def target_beta(self) -> float | None:
+        """β of the distribution p_pretrained(x)·exp(β·r(x)) this objective targets; None where it targets none
+        (reward maximisation: ReFL, DRaFT, DDPO). The evaluation measures target fidelity against it."""
+        return None
+
     def memory_options(self) -> list[str]:
         """This objective's options that lower its peak memory without changing its math, as command-line flags
         with a word on each (listed when a step runs out of memory)."""
@@ -54,6 +60,15 @@ class Objective(nn.Module, ABC):
                 f"{type(reward).__name__} is not differentiable; use a policy-gradient objective (e.g. DDPO) "
                 f"or a differentiable reward"
             )
+
+    def prepare_rollout(self, rollout: Rollout, ctx: ObjectiveContext) -> Rollout:
+        """Add what the loss needs beyond the sampled trajectories (e.g. pathwise flow targets); once per rollout."""
+        return rollout
+
+    def rollout_loss(self, rollout: Rollout, ctx: ObjectiveContext) -> ObjectiveOutput | None:
+        """A loss over the whole rollout, added once to each optimizer step (e.g. fitting a flow head at every
+        state); None when the objective has none."""
+        return None
 
     @abstractmethod
     def transitions(self, rollout: Rollout, generator: torch.Generator) -> Transitions:

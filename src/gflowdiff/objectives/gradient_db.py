@@ -29,6 +29,7 @@ from gflowdiff.diffusion_math import (
 from gflowdiff.objectives._reference_passes import reference_structure_residuals
 from gflowdiff.objectives._stacked_passes import stacked_passes
 from gflowdiff.objectives.base import Objective, ObjectiveContext
+from gflowdiff.objectives.pathwise_flow import pathwise_flow_scores, pathwise_target_weights, prior_paths
 from gflowdiff.objectives.gradient_db_math import (
     GuessWeighting,
     TransitionWeighting,
@@ -37,7 +38,10 @@ from gflowdiff.objectives.gradient_db_math import (
     shared_state_order,
     transition_weight,
 )
+from gflowdiff.rewards.base import Reward
+from gflowdiff.sampling import sample_rollout
 from gflowdiff.types import ObjectiveOutput, Rollout, Transitions
+from gflowdiff.value_flow_head import soft_labels, value_fit_loss
 
 PassStructure = Literal["fused", "stacked", "reference"]
 
@@ -94,6 +98,27 @@ class GradientDBObjective(Objective):
         reward_chunk_size: run the VAE decoder + reward forward/backward of the fused and stacked structures on at
             most this many images at a time (``None``: all at once). Same gradients; less peak memory at large
             image sizes, where the decoder's graph is the largest one alive.
+        pathwise_flow_scale: w_P, weight of a regression of g_φ, at every state x_j (j = 1 … T−1) of each rollout,
+            onto the pathwise flow score a_j (objectives/pathwise_flow.py), importance-weighted by
+            ``pathwise_target_weights`` so that its minimiser is the exact flow score ∇ log F̃(x_j) whatever the
+            policy; residuals × σ² as ``transition_weighting`` says. Costs T vector-Jacobian products of the frozen
+            UNet per trajectory and one flow-head pass over all states. g_φ is then the whole flow score: needs
+            ``reward_guess_weighting: off``. 0 disables.
+        forward_flow_target: the flow score at x' in the forward condition: ``learned`` (g_φ + the reward guess, the
+            paper's) or ``pathwise`` (its pathwise estimate a(x'); the policy then regresses onto it directly).
+        flow_head_fit: how g_φ is trained: ``detailed_balance`` (the paper: through the ∇-DB residuals, plus the
+            pathwise fits above when enabled) or ``value`` (a scalar flow F̃_φ ∈ (0, 1) fitted by regression to its
+            definition E_#[R^β | x_t] on pretrained trajectories, value_flow_head.py; the flow score is its
+            log-gradient). ``value`` needs a reward with a known upper bound, ``reward_guess_weighting: off`` and
+            ``reverse_loss_scale: 0`` (nothing trainable is left in the reverse condition).
+        value_warmup_trajectories: with ``flow_head_fit: value``, pretrained trajectories sampled at the start of
+            training to fit F̃_φ before the first update (F̃ does not depend on the policy; 0: no warm-up). Each
+            training step then adds one fit step on a fresh pretrained rollout of its prompts.
+        value_warmup_epochs: passes over the warm-up trajectories' states.
+        pathwise_weighting: with ``forward_flow_target: pathwise``, weight each transition's residual by
+            R(x_T)^β·Π_{k≥j} P_F^#/P_F^b (objectives/pathwise_flow.py: pathwise_target_weights), which makes the
+            minimiser the exact tilted kernel's mean shift at every iteration; False: unweighted (exact only once
+            the policy samples the target).
     """
 
     requires_reward_gradient = True
@@ -114,6 +139,13 @@ class GradientDBObjective(Objective):
         adjacent_pairs: bool = False,
         detach_flow_in_forward_target: bool = False,
         reward_chunk_size: int | None = None,
+        pathwise_flow_scale: float = 0.0,
+        forward_flow_target: Literal["learned", "pathwise"] = "learned",
+        prior_path_flow_scale: float = 0.0,
+        pathwise_weighting: bool = True,
+        flow_head_fit: Literal["detailed_balance", "value"] = "detailed_balance",
+        value_warmup_trajectories: int = 4096,
+        value_warmup_epochs: int = 6,
     ):
         super().__init__()
         if pass_structure not in ("fused", "stacked", "reference"):
@@ -130,10 +162,11 @@ class GradientDBObjective(Objective):
             raise ValueError("--model.objective.reward_chunk_size must be >= 1 (or null: all images at once)")
         if not 0 < timestep_fraction <= 1:
             raise ValueError("--model.objective.timestep_fraction must be in (0, 1]")
-        if detach_flow_in_forward_target and use_flow_head and reverse_loss_scale == 0:
+        fitted = prior_path_flow_scale > 0 or pathwise_flow_scale > 0
+        if detach_flow_in_forward_target and use_flow_head and reverse_loss_scale == 0 and not fitted:
             raise ValueError(
-                "--model.objective.detach_flow_in_forward_target needs --model.objective.reverse_loss_scale > 0: "
-                "with both, the flow head would be trained on terminal states only"
+                "--model.objective.detach_flow_in_forward_target needs --model.objective.reverse_loss_scale > 0 (or "
+                "a pathwise flow fit): otherwise the flow head would be trained on terminal states only"
             )
         self.reward_scale = reward_scale
         self.reverse_loss_scale = reverse_loss_scale if use_flow_head else 0.0
@@ -148,10 +181,105 @@ class GradientDBObjective(Objective):
         self.adjacent_pairs = adjacent_pairs
         self.detach_flow_in_forward_target = detach_flow_in_forward_target
         self.reward_chunk_size = reward_chunk_size
+        if pathwise_flow_scale < 0:
+            raise ValueError("--model.objective.pathwise_flow_scale must be >= 0")
+        if pathwise_flow_scale > 0 and (not use_flow_head or reward_guess_weighting != "off"):
+            raise ValueError(
+                "--model.objective.pathwise_flow_scale > 0 fits g_φ as the whole flow score: it needs "
+                "use_flow_head: true and reward_guess_weighting: off"
+            )
+        if forward_flow_target not in ("learned", "pathwise"):
+            raise ValueError(
+                f"--model.objective.forward_flow_target must be learned or pathwise, got {forward_flow_target!r}"
+            )
+        if prior_path_flow_scale < 0:
+            raise ValueError("--model.objective.prior_path_flow_scale must be >= 0")
+        if prior_path_flow_scale > 0 and (not use_flow_head or reward_guess_weighting != "off"):
+            raise ValueError(
+                "--model.objective.prior_path_flow_scale > 0 fits g_φ as the whole flow score: it needs "
+                "use_flow_head: true and reward_guess_weighting: off"
+            )
+        self.prior_path_flow_scale = prior_path_flow_scale
+        self.pathwise_weighting = pathwise_weighting
+        if flow_head_fit not in ("detailed_balance", "value"):
+            raise ValueError(
+                f"--model.objective.flow_head_fit must be detailed_balance or value, got {flow_head_fit!r}"
+            )
+        if flow_head_fit == "value" and (
+            not use_flow_head or reward_guess_weighting != "off" or reverse_loss_scale > 0
+        ):
+            raise ValueError(
+                "--model.objective.flow_head_fit value makes the flow head the whole flow score, fitted by "
+                "regression: it needs use_flow_head: true, reward_guess_weighting: off and reverse_loss_scale: 0"
+            )
+        if value_warmup_trajectories < 0 or value_warmup_epochs < 0:
+            raise ValueError("--model.objective.value_warmup_trajectories and value_warmup_epochs must be >= 0")
+        self.flow_head_fit = flow_head_fit
+        self.value_warmup_trajectories, self.value_warmup_epochs = value_warmup_trajectories, value_warmup_epochs
+        self.pathwise_flow_scale = pathwise_flow_scale
+        self.forward_flow_target = forward_flow_target
 
     @property
     def uses_flow_head(self) -> bool:
         return self.use_flow_head
+
+    @property
+    def flow_head_kind(self) -> str:
+        """``score`` (g_φ, a vector field: flow_head.py) or ``value`` (F̃_φ, a scalar: value_flow_head.py)."""
+        return "value" if self.flow_head_fit == "value" else "score"
+
+    def check_compatible(self, reward: Reward) -> None:
+        super().check_compatible(reward)
+        if self.flow_head_fit == "value" and reward.upper_bound is None:
+            raise ValueError(
+                f"--model.objective.flow_head_fit value needs a reward with a known upper bound (soft labels "
+                f"exp(β·(r − r_max)) ≤ 1); --model.reward {type(reward).__name__} declares none"
+            )
+
+    @torch.no_grad()
+    def pretrained_value_data(self, ctx: ObjectiveContext, prompts: list[str]) -> tuple[Tensor, ...]:
+        """States x_0 … x_{T−1} of pretrained trajectories for ``prompts`` with their timesteps, prompt embeddings and
+        soft labels exp(β·(r(x_T) − r_max)), flattened to (B·T, …)."""
+        with ctx.policy.reference():
+            rollout = sample_rollout(ctx.policy, prompts, ctx.reward, ctx.sampler, ctx.generator)
+        steps = rollout.num_steps
+        labels = soft_labels(rollout.rewards, self.reward_scale, float(ctx.reward.upper_bound))
+        return (
+            rollout.latents[:, :steps].flatten(0, 1),
+            rollout.timesteps.repeat(rollout.batch_size),
+            rollout.prompt_embeds.repeat_interleave(steps, dim=0),
+            labels.repeat_interleave(steps),
+        )
+
+    def warm_up(self, ctx: ObjectiveContext, prompts: list[str]) -> dict[str, float]:
+        """Fit F̃_φ on ``value_warmup_trajectories`` pretrained trajectories (prompts cycled from ``prompts``) before
+        the first update, with its own AdamW and a one-cycle schedule; returns the last epoch's mean loss."""
+        if self.flow_head_fit != "value" or not self.value_warmup_trajectories or not self.value_warmup_epochs:
+            return {}
+        batch = 512  # trajectories sampled at a time
+        parts = [
+            self.pretrained_value_data(ctx, [prompts[(start + i) % len(prompts)] for i in range(batch)])
+            for start in range(0, self.value_warmup_trajectories, batch)
+        ]
+        states, timesteps, embeds, labels = (torch.cat(tensors) for tensors in zip(*parts, strict=True))
+        head, size = ctx.flow_head, 512
+        optimizer = torch.optim.AdamW(head.parameters(), lr=2e-3, weight_decay=1e-4)
+        batches = -(-len(states) // size)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=self.value_warmup_epochs * batches)
+        epoch_loss = 0.0
+        for _ in range(self.value_warmup_epochs):
+            order, epoch_loss = torch.randperm(len(states), generator=ctx.generator), 0.0
+            for index in order.split(size):
+                index = index.to(states.device)
+                with torch.enable_grad():
+                    loss = value_fit_loss(head, states[index], timesteps[index], embeds[index], labels[index])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                optimizer.step()
+                schedule.step()
+                epoch_loss += float(loss) * len(index) / len(states)
+        head.zero_grad(set_to_none=True)
+        return {"objective/value_warmup_loss": epoch_loss}
 
     @property
     def guesses_reward_at_x(self) -> bool:
@@ -175,6 +303,68 @@ class GradientDBObjective(Objective):
     def reward_guess_scale(self, abar: Tensor) -> Tensor:
         """β·γ_t, the weight of the reward guess in ∇ log F (§2.4). Shape of ``abar``."""
         return self.reward_scale * guess_weight(abar, self.reward_guess_weighting)
+
+    @property
+    def needs_pathwise_flow(self) -> bool:
+        return self.pathwise_flow_scale > 0 or self.forward_flow_target == "pathwise"
+
+    def prepare_rollout(self, rollout: Rollout, ctx: ObjectiveContext) -> Rollout:
+        if self.needs_pathwise_flow:
+            rollout.flow_targets, pretrained_log_probs = pathwise_flow_scores(
+                ctx.policy, ctx.reward, ctx.sampler, rollout, self.reward_scale
+            )
+            if self.pathwise_weighting:
+                rollout.flow_target_weights = pathwise_target_weights(
+                    rollout.rewards, pretrained_log_probs, rollout.log_probs, self.reward_scale
+                )
+        if self.prior_path_flow_scale > 0:
+            rollout.prior_paths = prior_paths(
+                ctx.policy, ctx.reward, ctx.sampler, rollout.prompts, self.reward_scale, ctx.generator
+            )
+        return rollout
+
+    @property
+    def target_beta(self) -> float:
+        return self.reward_scale
+
+    def rollout_loss(self, rollout: Rollout, ctx: ObjectiveContext) -> ObjectiveOutput | None:
+        """The flow-head fits of ``pathwise_flow_scale`` (the rollout's own states) and ``prior_path_flow_scale``
+        (the pretrained paths' states): w · mean_j w_j·‖σ_{j−1}²·(g_φ(x_j) − a_j)‖² over the states x_1 … x_{T−1};
+        x_T needs no fit (its flow score is β·∇r exactly) and x_0 is never an x'."""
+        if self.flow_head_fit == "value":
+            fit = value_fit_loss(ctx.flow_head, *self.pretrained_value_data(ctx, rollout.prompts))
+            return ObjectiveOutput(fit, {"objective/value_fit_loss": fit.detach()})
+        if rollout.num_steps < 2:
+            return None
+        fits = []
+        if self.pathwise_flow_scale > 0:
+            fits.append(("pathwise", self.pathwise_flow_scale, rollout.latents, rollout.flow_targets,
+                         rollout.flow_target_weights))  # fmt: skip
+        if self.prior_path_flow_scale > 0:
+            paths = rollout.prior_paths
+            weights = paths.weights[:, None].expand(-1, rollout.num_steps + 1)  # R^β of each path
+            fits.append(("prior_path", self.prior_path_flow_scale, paths.latents, paths.targets, weights))
+        if not fits:
+            return None
+        batch, count = rollout.batch_size, rollout.num_steps - 1
+        timesteps = rollout.timesteps[1:].repeat(batch)  # x_j is the state before sampler step j
+        abar_t = ctx.policy.alpha_bar(rollout.timesteps[:-1])  # the step into x_j starts at t_{j−1}
+        abar_prev = ctx.policy.alpha_bar(rollout.prev_timesteps[:-1])
+        std = ddim_std(abar_t, abar_prev, ctx.sampler.eta).repeat(batch)
+        embeds = rollout.prompt_embeds.repeat_interleave(count, dim=0)
+        total, metrics = None, {}
+        for name, scale, latents, targets, weights in fits:
+            g = ctx.flow_head(latents[:, 1:-1].flatten(0, 1), timesteps, embeds)
+            residual = per_sample(transition_weight(std, self.transition_weighting), g) * (
+                g - targets[:, 1:-1].flatten(0, 1)
+            )
+            squared = residual.pow(2).flatten(1).mean(dim=1)
+            if weights is not None:
+                squared = weights[:, 1:-1].flatten() * squared
+            fit = squared.mean()
+            total = scale * fit if total is None else total + scale * fit
+            metrics[f"objective/{name}_flow_loss"] = fit.detach()
+        return ObjectiveOutput(total, metrics)
 
     def transitions(self, rollout: Rollout, generator: torch.Generator) -> Transitions:
         return rollout.subsampled_transitions(
@@ -389,11 +579,17 @@ class GradientDBObjective(Objective):
                 # policy_rev − prior_rev + flow_cur, with flow_cur = g_φ(x) + β·γ_t·∇_x r (method.md §2.3)
                 reverse_residual = policy_rev_plus_guess - prior.reverse + g_cur
 
+        if self.forward_flow_target == "pathwise":  # the policy regresses onto a(x') instead of g_φ + guess
+            forward_residual = forward_residual + flow_next - chunk.flow_target_next
         weight = per_sample(transition_weight(std, self.transition_weighting), forward_residual)
         forward_residual = weight * forward_residual
         reverse_residual = None if reverse_residual is None else weight * reverse_residual
 
-        forward_loss = mean_square(forward_residual)
+        pathwise_forward = self.forward_flow_target == "pathwise" and chunk.flow_target_weights is not None
+        if pathwise_forward:  # importance weights of the pathwise targets (mean 1 per step)
+            forward_loss = (chunk.flow_target_weights * forward_residual.pow(2).flatten(1).mean(dim=1)).mean()
+        else:
+            forward_loss = mean_square(forward_residual)
         loss = forward_loss
         metrics = {
             "objective/forward_loss": forward_loss.detach(),

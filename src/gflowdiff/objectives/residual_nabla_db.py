@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -38,6 +40,13 @@ class ResidualNablaDB(GradientDBObjective):
         adjacent_pairs: train steps in adjacent pairs, which the fused structure computes with fewer passes.
         detach_flow_in_forward_target: train g_φ by the reverse and terminal conditions only (same optimum).
         reward_chunk_size: VAE decoder + reward passes on at most this many images at a time (less memory).
+        pathwise_flow_scale: w_P, regression of the flow score at x' onto its pathwise estimate (trains g_φ).
+        forward_flow_target: ``learned`` (g_φ + guess) or ``pathwise`` flow score at x' in the forward condition.
+        prior_path_flow_scale: w_R, R^β-weighted regression of g_φ onto pathwise flow scores on pretrained paths.
+        pathwise_weighting: importance-weight the pathwise forward targets (exact tilted mean shift at every step).
+        flow_head_fit: ``detailed_balance`` (the paper's) or ``value`` (F̃_φ fitted to E_#[R^β | x_t]).
+        value_warmup_trajectories: pretrained trajectories the value flow head is fitted on before training.
+        value_warmup_epochs: passes over them.
     """
 
     def __init__(
@@ -56,6 +65,13 @@ class ResidualNablaDB(GradientDBObjective):
         adjacent_pairs: bool = False,
         detach_flow_in_forward_target: bool = False,
         reward_chunk_size: int | None = None,
+        pathwise_flow_scale: float = 0.0,
+        forward_flow_target: Literal["learned", "pathwise"] = "learned",
+        prior_path_flow_scale: float = 0.0,
+        pathwise_weighting: bool = True,
+        flow_head_fit: Literal["detailed_balance", "value"] = "detailed_balance",
+        value_warmup_trajectories: int = 4096,
+        value_warmup_epochs: int = 6,
     ):
         super().__init__(
             reward_scale=reward_scale,
@@ -71,6 +87,13 @@ class ResidualNablaDB(GradientDBObjective):
             adjacent_pairs=adjacent_pairs,
             detach_flow_in_forward_target=detach_flow_in_forward_target,
             reward_chunk_size=reward_chunk_size,
+            pathwise_flow_scale=pathwise_flow_scale,
+            forward_flow_target=forward_flow_target,
+            prior_path_flow_scale=prior_path_flow_scale,
+            pathwise_weighting=pathwise_weighting,
+            flow_head_fit=flow_head_fit,
+            value_warmup_trajectories=value_warmup_trajectories,
+            value_warmup_epochs=value_warmup_epochs,
         )
         if pretrained_strength < 0:
             raise ValueError("--model.objective.pretrained_strength must be >= 0")
