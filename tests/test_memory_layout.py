@@ -3,13 +3,15 @@ and their trainable state is saved, exported and loaded like any other."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from gflowdiff.checkpointing import export_lora, trainable_state
+from gflowdiff.checkpointing import export_lora, lora_state_with_unit_scale, trainable_state
 from gflowdiff.memory_layout import use_channels_last
 from gflowdiff.module import GFlowDiffModule
 from gflowdiff.objectives import ResidualNablaDB
-from gflowdiff.policy import LoRAConfig
+from gflowdiff.policy import LoRAConfig, resolve_pretrained_path
 from gflowdiff.rewards import DigitClassifierReward
 from gflowdiff.sampling import SamplerConfig, sample_rollout
 from tests.test_pass_structure import PROMPTS, SAMPLER, loss_and_gradients, perturbed_module
@@ -50,7 +52,7 @@ def test_channels_last_gives_the_same_loss_gradients_and_samples(tiny_sd_path):
 def test_channels_last_module_trains_saves_and_exports(tmp_path):
     """The digits model's LoRA adapts 3×3 convolutions too, so some trainable tensors are channels-last themselves:
     they train, their checkpoint loads into a contiguous module, and the diffusers export (safetensors, which takes
-    only contiguous tensors) works."""
+    only contiguous tensors) holds the trained values, as diffusers loads them back."""
 
     def build(channels_last: bool) -> GFlowDiffModule:
         return GFlowDiffModule(
@@ -82,4 +84,19 @@ def test_channels_last_module_trains_saves_and_exports(tmp_path):
         assert loaded.is_contiguous() and torch.equal(loaded, value), name
 
     weights = export_lora(module.policy, tmp_path / "lora")
-    assert weights.stat().st_size > 0
+    exported = exported_lora(weights)
+    trained = lora_state_with_unit_scale(module.policy)
+    assert sorted(exported) == sorted(trained)  # every trained tensor, the convolutions' included
+    for name, value in trained.items():
+        assert torch.equal(exported[name], value.contiguous()), name
+
+
+def exported_lora(weights: Path) -> dict[str, torch.Tensor]:
+    """The exported file loaded back as diffusers loads it (``load_lora_adapter`` into a fresh pretrained UNet), as
+    peft state-dict keys."""
+    from diffusers import UNet2DConditionModel
+    from peft import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(resolve_pretrained_path("embedded:digits"), subfolder="unet")
+    unet.load_lora_adapter(str(weights.parent), weight_name=weights.name, prefix="unet", adapter_name="exported")
+    return get_peft_model_state_dict(unet, adapter_name="exported")

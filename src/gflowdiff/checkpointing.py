@@ -125,15 +125,14 @@ def export_lora(policy: DiffusionPolicy, directory: str | Path) -> Path:
     and ``unet.load_lora_adapter(dir, weight_name=...)`` load it and reproduce the fine-tuned UNet (the alpha/rank
     scale is folded into the weights: :func:`lora_state_with_unit_scale`)."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    # safetensors stores only contiguous tensors; with --model.channels_last, LoRA convolutions are channels-last
-    layers = {
-        key: value.contiguous()
-        for key, value in convert_state_dict_to_diffusers(lora_state_with_unit_scale(policy)).items()
-    }
+    # peft's key names, which diffusers' loaders read as they are. convert_state_dict_to_diffusers renames only the
+    # attention projections (to_q.lora.down ...), and a file mixing both styles loses the LoRA of the other layers
+    # (e.g. the digits config's conv1/conv2) on load. safetensors stores only contiguous tensors; with
+    # --model.channels_last, LoRA convolutions are channels-last.
+    layers = {key: value.contiguous() for key, value in lora_state_with_unit_scale(policy).items()}
     StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, weight_name=LORA_WEIGHT_NAME)
     return directory / LORA_WEIGHT_NAME
 
