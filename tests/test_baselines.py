@@ -4,7 +4,6 @@ tiny random SD pipeline (finite loss, what trains and what stays frozen, checkpo
 from __future__ import annotations
 
 import importlib
-import inspect
 import math
 import re
 from pathlib import Path
@@ -30,6 +29,7 @@ from gflowdiff.objectives._scalar_db import (
 from gflowdiff.objectives.ddpo import PromptStatTracker, per_prompt_advantages, ppo_clip_loss, reduce_log_prob
 from gflowdiff.rewards import DigitClassifierReward, Reward
 from gflowdiff.sampling import SamplerConfig, sample_rollout
+from tests.package_walk import concrete_classes_defined_in
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SAMPLER = SamplerConfig(num_inference_steps=4, guidance_scale=2.0)
@@ -38,15 +38,8 @@ PROMPTS = ["a cat", "a dog"]
 
 
 def concrete_objectives() -> list[type[Objective]]:
-    """Every concrete Objective subclass defined in the package (the registry is the base class + the import)."""
-    found, stack = [], [Objective]
-    while stack:
-        cls = stack.pop()
-        for sub in cls.__subclasses__():
-            stack.append(sub)
-            if not inspect.isabstract(sub) and sub.__module__.startswith("gflowdiff.") and sub not in found:
-                found.append(sub)
-    return sorted(found, key=lambda c: c.__name__)
+    """Every concrete Objective subclass defined in any module of the package (all imported: package_walk.py)."""
+    return concrete_classes_defined_in(objectives, Objective)
 
 
 def tiny_module(tiny_sd_path, objective: Objective, reward: Reward | None = None, **kwargs) -> GFlowDiffModule:
@@ -443,8 +436,23 @@ def test_digits_config_trains_on_the_tiny_pipeline(name, tiny_sd_path, tmp_path,
 
 
 def test_public_objectives_are_exported():
-    for cls in concrete_objectives():
-        assert getattr(objectives, cls.__name__) is cls
+    defined = concrete_objectives()
+    assert {"DB", "DDPO", "DRaFT", "NablaDB", "ReFL", "ResidualDB", "ResidualNablaDB"} <= {c.__name__ for c in defined}
+    for cls in defined:
+        assert getattr(objectives, cls.__name__, None) is cls, f"{cls.__module__}.{cls.__name__} is not exported"
+        assert cls.__name__ in objectives.__all__
+
+
+def test_the_package_walk_sees_a_module_nothing_imports(tmp_path, monkeypatch):
+    """The weakness of ``__subclasses__()``: a plugin module missing from ``__init__`` is never imported."""
+    package = tmp_path / "walk_probe"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "hidden.py").write_text("from gflowdiff.objectives import DB\n\n\nclass HiddenDB(DB):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    probe = importlib.import_module("walk_probe")
+    assert "HiddenDB" not in {c.__name__ for c in DB.__subclasses__()}
+    assert [c.__name__ for c in concrete_classes_defined_in(probe, Objective)] == ["HiddenDB"]
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from gflowdiff.rewards.preprocessing import (
     resize_shortest_side,
 )
 from gflowdiff.zoo.tiny_sd import build_tiny_clip_tokenizer
+from tests.package_walk import concrete_classes_defined_in
 
 AESTHETIC_HEAD = Path("aesthetic") / "sac+logos+ava1-l14-linearMSE.pth"
 PROMPTS = ["a photo of a cat", "an oil painting of a red fox"]
@@ -740,15 +741,9 @@ EXPORTED = [
 
 def test_every_concrete_reward_is_exported():
     package = importlib.import_module("gflowdiff.rewards")
-    found = set()
-    pending = list(Reward.__subclasses__())
-    while pending:
-        cls = pending.pop()
-        pending.extend(cls.__subclasses__())
-        if cls.__module__.startswith("gflowdiff.rewards"):
-            found.add(cls)
-    assert found == set(EXPORTED)
-    assert all(getattr(package, cls.__name__) is cls for cls in EXPORTED)
+    defined = concrete_classes_defined_in(package, Reward)  # every module imported (package_walk.py)
+    assert set(defined) == set(EXPORTED)
+    assert all(getattr(package, cls.__name__) is cls and cls.__name__ in package.__all__ for cls in EXPORTED)
 
 
 @pytest.mark.parametrize("cls", EXPORTED, ids=lambda c: c.__name__)
