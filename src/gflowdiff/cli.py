@@ -198,21 +198,23 @@ class GFlowDiffCLI(LightningCLI):
             super()._run_subcommand(subcommand)
 
 
+def cli_options() -> dict[str, Any]:
+    """GFlowDiffCLI's settings, shared by :func:`main` and tests that build a config's classes without running."""
+    return {
+        "seed_everything_default": 0,
+        # No top-level --optimizer/--lr_scheduler: they would replace configure_optimizers, i.e. the LoRA and flow
+        # head parameter groups, by one group. The optimizer is --model.optimizer.
+        "auto_configure_optimizers": False,
+        "save_config_callback": SaveConfigWhenStarted,
+        "parser_class": GFlowDiffParser,
+        "save_config_kwargs": {"overwrite": True},
+    }
+
+
 def main(args: list[str] | None = None) -> GFlowDiffCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     silence_known_messages()
-    return GFlowDiffCLI(
-        GFlowDiffModule,
-        PromptDataModule,
-        seed_everything_default=0,
-        # No top-level --optimizer/--lr_scheduler: they would replace configure_optimizers, i.e. the LoRA and flow
-        # head parameter groups, by one group. The optimizer is --model.optimizer.
-        auto_configure_optimizers=False,
-        save_config_callback=SaveConfigWhenStarted,
-        parser_class=GFlowDiffParser,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    return GFlowDiffCLI(GFlowDiffModule, PromptDataModule, **cli_options(), args=args)
 
 
 PREDICT_REPLACED = (
