@@ -51,9 +51,14 @@ def test_nearest_upscaling_preserves_pixels_and_clamps():
 
 
 def test_input_is_not_modified_and_grad_is_detached():
-    images = torch.rand(1, 3, 4, 4, requires_grad=True)
+    """Values outside [0, 1] (clamped in the grid), one channel (expanded to three) and upscaling: an in-place clamp
+    of the input, or a grid that is a view of it or keeps its graph, shows here."""
+    images = (torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2).requires_grad_()
     before = images.detach().clone()
-    grid = image_grid(images, min_size=4)
-    # a detached float CPU tensor; the input is untouched
-    assert not grid.requires_grad and grid.dtype == torch.float32
+    assert before.min() < 0 and before.max() > 1  # the clamp has work to do
+    grid = image_grid(images, min_size=8)
+    assert not grid.requires_grad and grid.grad_fn is None and grid.dtype == torch.float32
+    assert 0 <= grid.min() and grid.max() <= 1
     assert torch.equal(images.detach(), before)
+    grid.fill_(0.5)
+    assert torch.equal(images.detach(), before)  # the grid shares no memory with the input

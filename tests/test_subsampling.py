@@ -94,10 +94,28 @@ def test_deterministic_given_the_generator(low_variance):
     assert not torch.equal(first, other)
 
 
-def test_draws_are_independent_per_trajectory():
+def assert_rows_drawn_independently(steps: torch.Tensor, choices_per_column: int) -> None:
+    """64 rows of independent draws: hardly any two rows are equal (each has ≥ 10⁵ combinations: a repeat has
+    probability ≈ 2 %), and each drawn column takes most of its values (64 draws of 10 values miss one with
+    probability ≈ 1 %), not one value copied down the batch."""
+    rows = {tuple(row) for row in steps.tolist()}
+    assert len(rows) >= steps.shape[0] - 2, f"only {len(rows)} distinct rows of {steps.shape[0]}"
+    for column in steps[:, 1:].T:
+        assert len(set(column.tolist())) >= choices_per_column - 2
+
+
+@pytest.mark.parametrize("low_variance", [True, False])
+def test_draws_are_independent_per_trajectory(low_variance):
+    steps = subsample_steps(50, 64, 0.1, low_variance, generator())  # 5 chunks of 10 steps, or 5 of 49 steps
+    assert_rows_drawn_independently(steps, choices_per_column=10)
+
+
+def test_the_independence_check_fails_when_rows_are_copies():
     steps = subsample_steps(50, 64, 0.1, True, generator())
-    # rows are not copies of each other (64 rows, 10⁵ combinations each)
-    assert len({tuple(row) for row in steps.tolist()}) > 1
+    copied = steps[:1].repeat(64, 1)
+    copied[:2] = steps[:2]  # only 2 of 64 rows differ from the rest
+    with pytest.raises(AssertionError, match="distinct rows"):
+        assert_rows_drawn_independently(copied, choices_per_column=10)
 
 
 def test_does_not_touch_the_global_rng():
