@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install gflowdiff with its pinned stack (CPU torch 2.13.0)
 
-demo: $(STAMP) ## train residual ∇-DB on the embedded digits model (≈ 5 min on 2 CPU cores)
+demo: $(STAMP) ## train residual ∇-DB on the embedded digits model; ends with the TV to the exact target (≈ 5 min, 2 cores)
 	OMP_NUM_THREADS=$(THREADS) HF_HUB_OFFLINE=1 $(BIN)/gflowdiff fit --config configs/digits/residual_nabla_db.yaml
 	$(BIN)/python scripts/summarize_run.py runs/digits_residual_nabla_db
 
@@ -44,12 +44,18 @@ digits-model: $(STAMP) ## re-train the embedded digits model and classifier (≈
 benchmark: $(STAMP) ## transitions/s at B = 1, 2, 4, 8, 16 (reference vs fused / pairs / stacked pass structures, channels-last), rollout speed, memory; digits + tiny SD
 	OMP_NUM_THREADS=$(THREADS) HF_HUB_OFFLINE=1 $(BIN)/python scripts/benchmark.py --channels-last
 
-COMPARE_CONFIGS := $(addprefix configs/digits/,residual_nabla_db.yaml refl.yaml draft.yaml ddpo.yaml nabla_db.yaml \
+COMPARE_CONFIGS := $(addprefix configs/digits/,residual_nabla_db.yaml residual_nabla_db_paper.yaml refl.yaml draft.yaml ddpo.yaml nabla_db.yaml \
 	draft_lv.yaml db.yaml residual_db.yaml residual_nabla_db.yaml+configs/digits/overrides/beta2.yaml \
-	residual_nabla_db.yaml+configs/overrides/adjacent_pairs.yaml)
+	residual_nabla_db_paper.yaml+configs/overrides/adjacent_pairs.yaml)
 compare: $(STAMP) ## every objective on the digits model (+ residual ∇-DB at β=2 and in adjacent pairs) × 3 seeds → runs/compare/ (≈ 2 h, 2 cores)
 	HF_HUB_OFFLINE=1 $(BIN)/gflowdiff compare --configs $(COMPARE_CONFIGS) --seeds 0 1 2 --steps 100 \
 		--out runs/compare --jobs 2 --threads 1
+
+CONVERGENCE_CONFIGS := $(addprefix configs/digits/,residual_nabla_db.yaml residual_nabla_db_paper.yaml ddpo.yaml \
+	residual_db.yaml db.yaml refl.yaml)
+convergence: $(STAMP) ## TV to the exact target vs training time: 6 digits configs × 3 seeds, 240 s each → runs/convergence/ (≈ 1 h, 2 cores)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/convergence.py --configs $(CONVERGENCE_CONFIGS) --seeds 0 1 2 --budget 240 \
+		--checkpoint-every 5 --points 5 --samples 512 --pool 8192 --out runs/convergence --jobs 2 --threads 1
 
 gpu-check: ## on a CUDA machine: SD-1.5-size benchmark (both pass structures) + bf16-mixed fit steps → gpu_check/
 	bash scripts/gpu_check.sh gpu_check
@@ -60,4 +66,4 @@ gpu-speed: ## on a CUDA machine, within one 10-min call: eager reference vs pair
 clean: ## remove run outputs (keeps .venv)
 	rm -rf runs lightning_logs .pytest_cache
 
-.PHONY: help install demo test test-fast lint format digits-model benchmark compare gpu-check gpu-speed clean
+.PHONY: help install demo test test-fast lint format digits-model benchmark compare convergence gpu-check gpu-speed clean

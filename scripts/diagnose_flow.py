@@ -49,7 +49,8 @@ def continue_from(module, x: torch.Tensor, step: int, generator: torch.Generator
             eps = policy.predict_noise(x, tb, embeds, negative, sampler.guidance_scale)
             abar_t, abar_prev = policy.alpha_bar(tb), policy.alpha_bar(pb)
             std = ddim_std(abar_t, abar_prev, sampler.eta)
-            x = ddim_mean(x, eps, abar_t, abar_prev, std) + per_sample(std, x) * torch.randn(x.shape, generator=generator)
+            noise = torch.randn(x.shape, generator=generator)
+            x = ddim_mean(x, eps, abar_t, abar_prev, std) + per_sample(std, x) * noise
             latents.append(x)
     images = policy.decode(x)
     empty = torch.zeros(len(x), 0)

@@ -142,9 +142,9 @@ def main() -> None:
         module = GFlowDiffModule(ResidualNablaDB(), DigitClassifierReward(), sampler=SamplerConfig(20, 1.0, 1.0))
         classifier = train_classifier(module, args.trajectories, args.epochs, 1.0, args.seed)
         torch.save(classifier.state_dict(), classifier_path)
-    from gflowdiff.cli import main as fit
-
     import oracle_flow  # noqa: F401  (this file as an importable module, so that class_path resolves)
+
+    from gflowdiff.cli import main as fit
 
     fit(["fit", "--config", args.config,
          "--model.objective", "oracle_flow.OracleResidualNablaDB",

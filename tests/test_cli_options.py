@@ -12,7 +12,7 @@ import torch
 from gflowdiff.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-DIGITS_CONFIG = REPO / "configs" / "digits" / "residual_nabla_db.yaml"
+DIGITS_CONFIG = REPO / "configs" / "digits" / "residual_nabla_db_paper.yaml"
 
 
 def parse_error(capsys, *args: str) -> str:

@@ -118,12 +118,12 @@ def test_compare_trains_evaluates_reuses_and_writes_table_and_plots(tmp_path, ca
     from gflowdiff.compare import main
 
     repo = Path(__file__).resolve().parents[1]
-    configs = [str(repo / "configs" / "digits" / name) for name in ("residual_nabla_db.yaml", "refl.yaml")]
+    configs = [str(repo / "configs" / "digits" / name) for name in ("residual_nabla_db_paper.yaml", "refl.yaml")]
     args = ["--configs", *configs, "--seeds", "0", "--steps", "2", "--samples", "24", "--out", str(tmp_path),
             "--threads", "1"]  # fmt: skip
     main(args)
     table = (tmp_path / "results.md").read_text()
-    assert "| residual_nabla_db | ResidualNablaDB | 1 | 1 |" in table and "| refl | ReFL |" in table
+    assert "| residual_nabla_db_paper | ResidualNablaDB | 1 | 1 |" in table and "| refl | ReFL |" in table
     assert "pretrained (no fine-tuning)" in table
     for png in ("reward_vs_step.png", "reward_vs_diversity.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -19,7 +19,7 @@ from gflowdiff.sampling import SamplerConfig, sample_rollout
 from tests.conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
-DIGITS_CONFIG = REPO / "configs" / "digits" / "residual_nabla_db.yaml"
+DIGITS_CONFIG = REPO / "configs" / "digits" / "residual_nabla_db_paper.yaml"
 
 
 def tiny_fit_args(tiny_sd_path, root: Path, max_steps: int = 2) -> list[str]:

@@ -3,8 +3,9 @@ tests/test_gaussian_target.py: a 2-D Gaussian "pretrained model" run by the real
 x' = M_k x + v_k + σ_k z, and a quadratic log-reward r(x) = wᵀx − ½(x − m)ᵀA(x − m).
 
 For this chain the residual flow is Gaussian in closed form: log F̃_k(x) = −½xᵀH_k x + h_kᵀx + const with
-H_T = βA, h_T = β(Am + w) and, integrating one pretrained step, H_k = M_kᵀQ_kM_k, h_k = M_kᵀ(S_k h_{k+1}/σ_k² − Q_k v_k),
-S_k = (I/σ_k² + H_{k+1})⁻¹, Q_k = I/σ_k² − S_k/σ_k⁴; so ∇ log F̃_k(x) = h_k − H_k x.
+H_T = βA, h_T = β(Am + w) and, integrating one pretrained step, H_k = M_kᵀQ_kM_k,
+h_k = M_kᵀ(S_k h_{k+1}/σ_k² − Q_k v_k), S_k = (I/σ_k² + H_{k+1})⁻¹, Q_k = I/σ_k² − S_k/σ_k⁴;
+so ∇ log F̃_k(x) = h_k − H_k x.
 """
 
 from __future__ import annotations
@@ -58,10 +59,12 @@ def test_pathwise_scores_are_the_exact_flow_score_for_a_linear_reward():
 def relative_fit_errors(weighted: bool) -> list[float]:
     """Per state k of (0, 5, 10, 15, 19): max |fit − exact| / max |exact| of the affine fit of a_k on x_k."""
     policy, reward = GaussianPolicy(), QuadraticReward(**QUADRATIC)
-    paths = prior_paths(policy, reward, SAMPLER, [""] * 20_000, BETA, torch.Generator().manual_seed(1))
+    latents, scores, path_weights = prior_paths(
+        policy, reward, SAMPLER, [""] * 20_000, BETA, torch.Generator().manual_seed(1)
+    )
     exact = exact_flow_scores(policy, reward)
-    states, targets = paths.latents.flatten(2).to(F64), paths.targets.flatten(2).to(F64)  # (B, T+1, 2)
-    weights = paths.weights.to(F64).sqrt()[:, None] if weighted else torch.ones(len(states), 1, dtype=F64)
+    states, targets = latents.flatten(2).to(F64), scores.flatten(2).to(F64)  # (B, T+1, 2)
+    weights = path_weights.to(F64).sqrt()[:, None] if weighted else torch.ones(len(states), 1, dtype=F64)
     errors = []
     for k in (0, 5, 10, 15, 19):
         design = torch.cat([states[:, k], torch.ones(len(states), 1, dtype=F64)], dim=1)  # (B, 3)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "digits" / "residual_nabla_db.yaml"
+CONFIG = REPO / "configs" / "digits" / "residual_nabla_db_paper.yaml"
 GFLOWDIFF = [sys.executable, "-m", "gflowdiff.cli"]
 MAX_STEPS = 6
 

@@ -17,7 +17,7 @@ import torch
 from gflowdiff.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-DIGITS_CONFIG = REPO / "configs" / "digits" / "residual_nabla_db.yaml"
+DIGITS_CONFIG = REPO / "configs" / "digits" / "residual_nabla_db_paper.yaml"
 RUN_NAME = "digits_residual_nabla_db"
 
 

@@ -95,6 +95,10 @@ class GFlowDiffModule(L.LightningModule):
             time; fewer fusions).
         compile_backend: torch.compile backend; ``aot_eager_decomp_partition`` captures the same graphs without
             generating code (minutes faster on CPU; for checking that a setup compiles, not for speed).
+        lr_decay: ``none`` (a constant learning rate, the reference's) or ``cosine``: every group's learning rate
+            follows ½(1 + cos(π·s/S)) over the S = max_steps × optimizer_steps_per_rollout optimizer steps of the run
+            (needs ``--trainer.max_steps``). Once the flow is fixed (``flow_head_fit: value``) the policy's loss is a
+            plain stochastic regression, whose last iterates a decaying step size averages.
         channels_last: store the convolution weights of the UNet, VAE, flow head and reward channels-last
             (memory_layout.py); same math, 1–8 % faster steps on CPU (measured; not yet measured on GPU).
     """
@@ -125,8 +129,12 @@ class GFlowDiffModule(L.LightningModule):
         compile_scope: CompileScope = "whole",
         compile_backend: str = DEFAULT_BACKEND,
         channels_last: bool = False,
+        lr_decay: Literal["none", "cosine"] = "none",
     ):
         super().__init__()
+        if lr_decay not in ("none", "cosine"):
+            raise ValueError(f"--model.lr_decay must be none or cosine, got {lr_decay!r}")
+        self.lr_decay = lr_decay
         if train_batch_size < 1:
             raise ValueError("--model.train_batch_size must be >= 1")
         if optimizer_steps_per_rollout < 1:
@@ -182,7 +190,17 @@ class GFlowDiffModule(L.LightningModule):
             if self.flow_head_weight_decay is not None:
                 flow_group["weight_decay"] = self.flow_head_weight_decay
             groups.append(flow_group)
-        return self.optimizer_factory(groups)
+        optimizer = self.optimizer_factory(groups)
+        if self.lr_decay == "none":
+            return optimizer
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        if max_steps is None or max_steps <= 0:
+            raise ValueError("--model.lr_decay cosine needs --trainer.max_steps (the length of the schedule)")
+        total = max_steps * self.optimizer_steps_per_rollout
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---- training ----------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -270,6 +288,9 @@ class GFlowDiffModule(L.LightningModule):
             # One optimizer step per accumulation: the reference calls scaler.step() *and* optimizer.step(), i.e.
             # two AdamW updates on the same gradients (method.md §4.2, §7 item 2). Fixed here.
             optimizer.step()
+            schedule = self.lr_schedulers()
+            if schedule is not None:
+                schedule.step()
             self.bad_steps_in_a_row = 0
         totals["train/transitions"] = float(len(transitions))
         totals["train/rollout_seconds"] = rollout_seconds

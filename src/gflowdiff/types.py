@@ -30,9 +30,6 @@ class Rollout:
     # asks for them
     flow_targets: Tensor | None = None
     flow_target_weights: Tensor | None = None  # (B, T+1) importance weights of the states' pathwise flow scores
-    # Trajectories of the pretrained sampler for the same prompts, with pathwise flow scores at their states and
-    # weights R(x_T)^β (objectives/pathwise_flow.py: weighted regression of g_φ), if the objective asks for them
-    prior_paths: PriorPaths | None = None
 
     @property
     def batch_size(self) -> int:
@@ -61,7 +58,6 @@ class Rollout:
             trajectory=trajectory,
             flow_target_next=None if self.flow_targets is None else self.flow_targets[trajectory, step + 1],
             flow_target_weights=None if self.flow_target_weights is None else self.flow_target_weights[trajectory, step],
-            prior_paths=None if self.prior_paths is None else self.prior_paths.at(trajectory, step + 1),
         )
 
     def subsampled_transitions(
@@ -75,33 +71,11 @@ class Rollout:
 
     def to_state(self) -> dict:
         """Tensors and prompts for a checkpoint (the off-policy buffer)."""
-        state = {f.name: getattr(self, f.name) for f in fields(self)}
-        state["prior_paths"] = None if self.prior_paths is None else vars(self.prior_paths)
-        return state
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_state(cls, state: dict) -> Rollout:
-        state = dict(state)
-        if state.get("prior_paths") is not None:
-            state["prior_paths"] = PriorPaths(**state["prior_paths"])
         return cls(**state)
-
-
-@dataclass
-class PriorPaths:
-    """Pretrained trajectories, their pathwise flow scores a and their weights w = R(x_T)^β (normalised to mean 1)."""
-
-    latents: Tensor  # (B, T+1, C, H, W)
-    timesteps: Tensor  # (T+1,) DDPM timestep of each state (t − Δ < 0 for the final one)
-    targets: Tensor  # (B, T+1, C, H, W)
-    weights: Tensor  # (B,)
-
-    def at(self, trajectory: Tensor, state: Tensor) -> PriorPaths:
-        """The states (trajectory[i], state[i]) as a flat batch (latents, targets (N, C, H, W); timesteps, weights (N,))."""
-        return PriorPaths(
-            self.latents[trajectory, state], self.timesteps[state], self.targets[trajectory, state],
-            self.weights[trajectory],
-        )  # fmt: skip
 
 
 @dataclass
@@ -125,7 +99,6 @@ class Transitions:
     flow_target_next: Tensor | None = None  # (N, C, H, W) pathwise estimate of ∇_{x'} log F̃(x') (Rollout.flow_targets)
     flow_target_weights: Tensor | None = None  # (N,) importance weight of the path from x (pathwise_target_weights)
 
-    prior_paths: PriorPaths | None = None  # the pretrained trajectories' states at the same (trajectory, step + 1)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -144,9 +117,6 @@ class Transitions:
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 values[f.name] = value[index]
-            elif isinstance(value, PriorPaths):
-                values[f.name] = PriorPaths(value.latents[index], value.timesteps[index], value.targets[index],
-                                            value.weights[index])  # fmt: skip
             elif isinstance(value, list):
                 values[f.name] = [value[i] for i in index.tolist()]
             else:

@@ -26,7 +26,8 @@ def timestep_embedding(t: Tensor, dim: int = 32) -> Tensor:
 
 class ValueFlowHead(nn.Module):
     """logit_φ(x, t, c): a small CNN (timestep and mean-pooled prompt embedding as per-layer shifts, stride-2 levels
-    down to ≤ 4×4, global average pool, MLP). Its last layer is zero-initialised: F̃_φ = ½ everywhere, flow score 0,
+    down to ≤ 4×4, then an MLP on the flattened map: the spatial layout is kept, a digit's class depends on it). Its
+    last layer is zero-initialised: F̃_φ = ½ everywhere, flow score 0,
     so training starts at the pretrained sampler. Called like the score flow head, it returns the flow score."""
 
     def __init__(self, channels: int, sample_size: int, cross_attention_dim: int, width: int = 64):
@@ -38,7 +39,8 @@ class ValueFlowHead(nn.Module):
         )
         self.time = nn.Sequential(nn.Linear(32, width), nn.SiLU(), nn.Linear(width, len(self.convs) * width))
         self.prompt = nn.Linear(cross_attention_dim, len(self.convs) * width)
-        self.head = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+        final = math.ceil(sample_size / 2**levels)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(width * final**2, width), nn.SiLU(), nn.Linear(width, 1))
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 
@@ -50,7 +52,7 @@ class ValueFlowHead(nn.Module):
             h = x.float()
             for conv, shift in zip(self.convs, shifts, strict=True):
                 h = nn.functional.silu(conv(h) + shift[:, :, None, None])
-            return self.head(h.mean(dim=(2, 3))).squeeze(1)
+            return self.head(h).squeeze(1)
 
     def forward(self, x: Tensor, t: Tensor, prompt_embeds: Tensor) -> Tensor:
         """The flow score ∇_x log σ(logit_φ(x, t, c)), shaped like x; a constant (the head is fitted by

@@ -29,7 +29,7 @@ from gflowdiff.diffusion_math import (
 from gflowdiff.objectives._reference_passes import reference_structure_residuals
 from gflowdiff.objectives._stacked_passes import stacked_passes
 from gflowdiff.objectives.base import Objective, ObjectiveContext
-from gflowdiff.objectives.pathwise_flow import pathwise_flow_scores, pathwise_target_weights, prior_paths
+from gflowdiff.objectives.pathwise_flow import pathwise_flow_scores, pathwise_target_weights
 from gflowdiff.objectives.gradient_db_math import (
     GuessWeighting,
     TransitionWeighting,
@@ -94,7 +94,8 @@ class GradientDBObjective(Objective):
             the reverse and terminal conditions only (the reference trains it through the forward target too). Same
             optimum. In the analytic Gaussian test (tests/test_gaussian_target.py) at w_B = 1 it reaches the
             fixed-variance floor of the covariance error, where the reference's choice loses ~25 % of a curved
-            reward's tilt; its mean converged more slowly there. Needs w_B > 0.
+            reward's tilt; its mean converged more slowly there. ``None`` (default): detached whenever something
+            else trains g_φ (w_B > 0 or a flow fit), else not (the reference's choice); True needs one of them.
         reward_chunk_size: run the VAE decoder + reward forward/backward of the fused and stacked structures on at
             most this many images at a time (``None``: all at once). Same gradients; less peak memory at large
             image sizes, where the decoder's graph is the largest one alive.
@@ -108,12 +109,13 @@ class GradientDBObjective(Objective):
             paper's) or ``pathwise`` (its pathwise estimate a(x'); the policy then regresses onto it directly).
         flow_head_fit: how g_φ is trained: ``detailed_balance`` (the paper: through the ∇-DB residuals, plus the
             pathwise fits above when enabled) or ``value`` (a scalar flow F̃_φ ∈ (0, 1) fitted by regression to its
-            definition E_#[R^β | x_t] on pretrained trajectories, value_flow_head.py; the flow score is its
-            log-gradient). ``value`` needs a reward with a known upper bound, ``reward_guess_weighting: off`` and
+            definition E_#[R^β | x_t] on pretrained trajectories before training, value_flow_head.py; the flow
+            score is its log-gradient). ``value`` needs a reward with a known upper bound, ``reward_guess_weighting: off`` and
             ``reverse_loss_scale: 0`` (nothing trainable is left in the reverse condition).
         value_warmup_trajectories: with ``flow_head_fit: value``, pretrained trajectories sampled at the start of
-            training to fit F̃_φ before the first update (F̃ does not depend on the policy; 0: no warm-up). Each
-            training step then adds one fit step on a fresh pretrained rollout of its prompts.
+            training to fit F̃_φ before the first update. F̃ does not depend on the policy, so this one fit serves
+            the whole run (measured: refitting on each step's 16 fresh pretrained trajectories at the flow head's
+            lr made the fit worse, BCE 0.39 → 0.50 in 20 steps).
         value_warmup_epochs: passes over the warm-up trajectories' states.
         pathwise_weighting: with ``forward_flow_target: pathwise``, weight each transition's residual by
             R(x_T)^β·Π_{k≥j} P_F^#/P_F^b (objectives/pathwise_flow.py: pathwise_target_weights), which makes the
@@ -137,11 +139,10 @@ class GradientDBObjective(Objective):
         low_variance_subsampling: bool = True,
         pass_structure: PassStructure = "fused",
         adjacent_pairs: bool = False,
-        detach_flow_in_forward_target: bool = False,
+        detach_flow_in_forward_target: bool | None = None,
         reward_chunk_size: int | None = None,
         pathwise_flow_scale: float = 0.0,
         forward_flow_target: Literal["learned", "pathwise"] = "learned",
-        prior_path_flow_scale: float = 0.0,
         pathwise_weighting: bool = True,
         flow_head_fit: Literal["detailed_balance", "value"] = "detailed_balance",
         value_warmup_trajectories: int = 4096,
@@ -162,8 +163,10 @@ class GradientDBObjective(Objective):
             raise ValueError("--model.objective.reward_chunk_size must be >= 1 (or null: all images at once)")
         if not 0 < timestep_fraction <= 1:
             raise ValueError("--model.objective.timestep_fraction must be in (0, 1]")
-        fitted = prior_path_flow_scale > 0 or pathwise_flow_scale > 0
-        if detach_flow_in_forward_target and use_flow_head and reverse_loss_scale == 0 and not fitted:
+        trained_elsewhere = reverse_loss_scale > 0 or pathwise_flow_scale > 0
+        if detach_flow_in_forward_target is None:
+            detach_flow_in_forward_target = trained_elsewhere
+        if detach_flow_in_forward_target and use_flow_head and not trained_elsewhere:
             raise ValueError(
                 "--model.objective.detach_flow_in_forward_target needs --model.objective.reverse_loss_scale > 0 (or "
                 "a pathwise flow fit): otherwise the flow head would be trained on terminal states only"
@@ -192,14 +195,8 @@ class GradientDBObjective(Objective):
             raise ValueError(
                 f"--model.objective.forward_flow_target must be learned or pathwise, got {forward_flow_target!r}"
             )
-        if prior_path_flow_scale < 0:
-            raise ValueError("--model.objective.prior_path_flow_scale must be >= 0")
-        if prior_path_flow_scale > 0 and (not use_flow_head or reward_guess_weighting != "off"):
-            raise ValueError(
-                "--model.objective.prior_path_flow_scale > 0 fits g_φ as the whole flow score: it needs "
-                "use_flow_head: true and reward_guess_weighting: off"
-            )
-        self.prior_path_flow_scale = prior_path_flow_scale
+        self.pathwise_flow_scale = pathwise_flow_scale
+        self.forward_flow_target = forward_flow_target
         self.pathwise_weighting = pathwise_weighting
         if flow_head_fit not in ("detailed_balance", "value"):
             raise ValueError(
@@ -216,8 +213,6 @@ class GradientDBObjective(Objective):
             raise ValueError("--model.objective.value_warmup_trajectories and value_warmup_epochs must be >= 0")
         self.flow_head_fit = flow_head_fit
         self.value_warmup_trajectories, self.value_warmup_epochs = value_warmup_trajectories, value_warmup_epochs
-        self.pathwise_flow_scale = pathwise_flow_scale
-        self.forward_flow_target = forward_flow_target
 
     @property
     def uses_flow_head(self) -> bool:
@@ -317,10 +312,6 @@ class GradientDBObjective(Objective):
                 rollout.flow_target_weights = pathwise_target_weights(
                     rollout.rewards, pretrained_log_probs, rollout.log_probs, self.reward_scale
                 )
-        if self.prior_path_flow_scale > 0:
-            rollout.prior_paths = prior_paths(
-                ctx.policy, ctx.reward, ctx.sampler, rollout.prompts, self.reward_scale, ctx.generator
-            )
         return rollout
 
     @property
@@ -328,23 +319,9 @@ class GradientDBObjective(Objective):
         return self.reward_scale
 
     def rollout_loss(self, rollout: Rollout, ctx: ObjectiveContext) -> ObjectiveOutput | None:
-        """The flow-head fits of ``pathwise_flow_scale`` (the rollout's own states) and ``prior_path_flow_scale``
-        (the pretrained paths' states): w · mean_j w_j·‖σ_{j−1}²·(g_φ(x_j) − a_j)‖² over the states x_1 … x_{T−1};
-        x_T needs no fit (its flow score is β·∇r exactly) and x_0 is never an x'."""
-        if self.flow_head_fit == "value":
-            fit = value_fit_loss(ctx.flow_head, *self.pretrained_value_data(ctx, rollout.prompts))
-            return ObjectiveOutput(fit, {"objective/value_fit_loss": fit.detach()})
-        if rollout.num_steps < 2:
-            return None
-        fits = []
-        if self.pathwise_flow_scale > 0:
-            fits.append(("pathwise", self.pathwise_flow_scale, rollout.latents, rollout.flow_targets,
-                         rollout.flow_target_weights))  # fmt: skip
-        if self.prior_path_flow_scale > 0:
-            paths = rollout.prior_paths
-            weights = paths.weights[:, None].expand(-1, rollout.num_steps + 1)  # R^β of each path
-            fits.append(("prior_path", self.prior_path_flow_scale, paths.latents, paths.targets, weights))
-        if not fits:
+        """The flow-head fit of ``pathwise_flow_scale``: w_P · mean_j w_j·‖σ_{j−1}²·(g_φ(x_j) − a_j)‖² over the
+        states x_1 … x_{T−1} of the rollout; x_T needs no fit (its flow score is β·∇r exactly) and x_0 is never an x'."""
+        if self.pathwise_flow_scale == 0 or rollout.num_steps < 2:
             return None
         batch, count = rollout.batch_size, rollout.num_steps - 1
         timesteps = rollout.timesteps[1:].repeat(batch)  # x_j is the state before sampler step j
@@ -352,19 +329,15 @@ class GradientDBObjective(Objective):
         abar_prev = ctx.policy.alpha_bar(rollout.prev_timesteps[:-1])
         std = ddim_std(abar_t, abar_prev, ctx.sampler.eta).repeat(batch)
         embeds = rollout.prompt_embeds.repeat_interleave(count, dim=0)
-        total, metrics = None, {}
-        for name, scale, latents, targets, weights in fits:
-            g = ctx.flow_head(latents[:, 1:-1].flatten(0, 1), timesteps, embeds)
-            residual = per_sample(transition_weight(std, self.transition_weighting), g) * (
-                g - targets[:, 1:-1].flatten(0, 1)
-            )
-            squared = residual.pow(2).flatten(1).mean(dim=1)
-            if weights is not None:
-                squared = weights[:, 1:-1].flatten() * squared
-            fit = squared.mean()
-            total = scale * fit if total is None else total + scale * fit
-            metrics[f"objective/{name}_flow_loss"] = fit.detach()
-        return ObjectiveOutput(total, metrics)
+        g = ctx.flow_head(rollout.latents[:, 1:-1].flatten(0, 1), timesteps, embeds)
+        residual = per_sample(transition_weight(std, self.transition_weighting), g) * (
+            g - rollout.flow_targets[:, 1:-1].flatten(0, 1)
+        )
+        squared = residual.pow(2).flatten(1).mean(dim=1)
+        if rollout.flow_target_weights is not None:
+            squared = rollout.flow_target_weights[:, 1:-1].flatten() * squared
+        fit = squared.mean()
+        return ObjectiveOutput(self.pathwise_flow_scale * fit, {"objective/pathwise_flow_loss": fit.detach()})
 
     def transitions(self, rollout: Rollout, generator: torch.Generator) -> Transitions:
         return rollout.subsampled_transitions(

@@ -29,7 +29,8 @@ class NablaDB(GradientDBObjective):
         pass_structure: ``fused`` (default), ``stacked`` (one UNet call; faster, more memory) or ``reference``
             (the reference code's passes); same loss.
         adjacent_pairs: train steps in adjacent pairs, which the fused structure computes with fewer passes.
-        detach_flow_in_forward_target: train g_φ by the reverse and terminal conditions only (same optimum).
+        detach_flow_in_forward_target: train g_φ by the reverse and terminal conditions only (same optimum);
+            ``None``: whenever w_B > 0 or a flow fit trains it (the analytic Gaussian test's floor).
         reward_chunk_size: VAE decoder + reward passes on at most this many images at a time (less memory).
     """
 

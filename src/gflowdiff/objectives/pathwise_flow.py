@@ -23,7 +23,7 @@ from gflowdiff.diffusion_math import ddim_mean, ddim_std, gaussian_log_prob
 from gflowdiff.policy import DiffusionPolicy
 from gflowdiff.rewards.base import Reward
 from gflowdiff.sampling import SamplerConfig
-from gflowdiff.types import PriorPaths, Rollout
+from gflowdiff.types import Rollout
 
 
 def pretrained_step_vjp(
@@ -113,21 +113,18 @@ def prior_paths(
     prompts: list[str],
     reward_scale: float,
     generator: torch.Generator,
-) -> PriorPaths:
-    """Pretrained trajectories for ``prompts`` with their pathwise flow scores a_j and weights w ∝ R(x_T)^β.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(latents (B, T+1, C, H, W), a (B, T+1, C, H, W), w (B,)): pretrained trajectories for ``prompts``, their pathwise
+    flow scores a_j and weights w ∝ R(x_T)^β (mean 1).
 
     On pretrained paths the R^β-weighted least-squares fit of a vector field g to a_j is the exact flow score:
     argmin_g E_#[R^β·‖g(x_j) − a_j‖²] = E_#[R^β·a_j | x_j] / E_#[R^β | x_j] = ∇_{x_j} log F̃(x_j), because
-    ∇F̃(x_j) = E_#[R^β·a_j | x_j] (the module docstring). The data does not depend on the policy being trained, so the
-    regression is stationary; and R^β·a_T = ∇R^β stays bounded where ∇ log R is large (odd digits for log p(even)).
+    ∇F̃(x_j) = E_#[R^β·a_j | x_j] (the module docstring); unweighted, the fit is E_#[a_j | x_j], which is not.
     """
-    from gflowdiff.diffusion_math import previous_timesteps
     from gflowdiff.sampling import sample_rollout
 
     with torch.no_grad(), policy.reference():
         rollout = sample_rollout(policy, prompts, reward, sampler, generator)
     targets, _ = pathwise_flow_scores(policy, reward, sampler, rollout, reward_scale)
-    log_weights = reward_scale * rollout.rewards.double()
-    weights = torch.softmax(log_weights, 0) * len(log_weights)  # R^β / mean R^β
-    final = previous_timesteps(rollout.timesteps[-1:], policy.num_train_timesteps, sampler.num_inference_steps)
-    return PriorPaths(rollout.latents, torch.cat([rollout.timesteps, final]), targets, weights.float())
+    weights = torch.softmax(reward_scale * rollout.rewards.double(), 0) * rollout.batch_size  # R^β / mean R^β
+    return rollout.latents, targets, weights.float()

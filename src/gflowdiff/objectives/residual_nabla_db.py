@@ -38,11 +38,11 @@ class ResidualNablaDB(GradientDBObjective):
         pass_structure: ``fused`` (default), ``stacked`` (one UNet call; faster, more memory) or ``reference``
             (the reference code's passes); same loss.
         adjacent_pairs: train steps in adjacent pairs, which the fused structure computes with fewer passes.
-        detach_flow_in_forward_target: train g_φ by the reverse and terminal conditions only (same optimum).
+        detach_flow_in_forward_target: train g_φ by the reverse and terminal conditions only (same optimum);
+            ``None``: whenever w_B > 0 or a flow fit trains it (the analytic Gaussian test's floor).
         reward_chunk_size: VAE decoder + reward passes on at most this many images at a time (less memory).
         pathwise_flow_scale: w_P, regression of the flow score at x' onto its pathwise estimate (trains g_φ).
         forward_flow_target: ``learned`` (g_φ + guess) or ``pathwise`` flow score at x' in the forward condition.
-        prior_path_flow_scale: w_R, R^β-weighted regression of g_φ onto pathwise flow scores on pretrained paths.
         pathwise_weighting: importance-weight the pathwise forward targets (exact tilted mean shift at every step).
         flow_head_fit: ``detailed_balance`` (the paper's) or ``value`` (F̃_φ fitted to E_#[R^β | x_t]).
         value_warmup_trajectories: pretrained trajectories the value flow head is fitted on before training.
@@ -63,11 +63,10 @@ class ResidualNablaDB(GradientDBObjective):
         low_variance_subsampling: bool = True,
         pass_structure: PassStructure = "fused",
         adjacent_pairs: bool = False,
-        detach_flow_in_forward_target: bool = False,
+        detach_flow_in_forward_target: bool | None = None,
         reward_chunk_size: int | None = None,
         pathwise_flow_scale: float = 0.0,
         forward_flow_target: Literal["learned", "pathwise"] = "learned",
-        prior_path_flow_scale: float = 0.0,
         pathwise_weighting: bool = True,
         flow_head_fit: Literal["detailed_balance", "value"] = "detailed_balance",
         value_warmup_trajectories: int = 4096,
@@ -89,7 +88,6 @@ class ResidualNablaDB(GradientDBObjective):
             reward_chunk_size=reward_chunk_size,
             pathwise_flow_scale=pathwise_flow_scale,
             forward_flow_target=forward_flow_target,
-            prior_path_flow_scale=prior_path_flow_scale,
             pathwise_weighting=pathwise_weighting,
             flow_head_fit=flow_head_fit,
             value_warmup_trajectories=value_warmup_trajectories,
