@@ -39,7 +39,8 @@ def test_fit_prints_no_known_noise_and_a_step_progress_bar(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": fake_srun(tmp_path)}
     env.pop("SLURM_JOB_ID", None)
     command = [
-        sys.executable, "-m", "gflowdiff.cli", "fit", "--config", str(REPO / "configs/digits/residual_nabla_db_paper.yaml"),
+        sys.executable, "-m", "gflowdiff.cli", "fit",
+        "--config", str(REPO / "configs/digits/residual_nabla_db_paper.yaml"),
         "--model.sampler.num_inference_steps", "4", "--model.train_batch_size", "2",
         "--model.log_images_every_n_steps", "0", "--data.batch_size", "2", "--data.eval_batch_size", "2",
         "--trainer.max_steps", "2", "--trainer.val_check_interval", "1000",

@@ -34,7 +34,6 @@ from gflowdiff.compilation import DEFAULT_BACKEND, CompileScope, check_compile_o
 from gflowdiff.data import DeferredPromptBatch
 from gflowdiff.evaluation import EvaluationConfig, Evaluator, sample_pair, side_by_side
 from gflowdiff.flow_head import FlowHead, FlowHeadConfig
-from gflowdiff.value_flow_head import ValueFlowHead
 from gflowdiff.images import image_grid
 from gflowdiff.memory_hints import out_of_memory_message
 from gflowdiff.memory_layout import use_channels_last
@@ -44,6 +43,7 @@ from gflowdiff.rewards.base import Reward
 from gflowdiff.rewards.self_check import check_reward_gradient
 from gflowdiff.sampling import SamplerConfig, sample_rollout
 from gflowdiff.types import Rollout
+from gflowdiff.value_flow_head import ValueFlowHead
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -57,7 +57,9 @@ class Rollout:
             is_terminal=step == self.num_steps - 1,
             trajectory=trajectory,
             flow_target_next=None if self.flow_targets is None else self.flow_targets[trajectory, step + 1],
-            flow_target_weights=None if self.flow_target_weights is None else self.flow_target_weights[trajectory, step],
+            flow_target_weights=(
+                None if self.flow_target_weights is None else self.flow_target_weights[trajectory, step]
+            ),
         )
 
     def subsampled_transitions(
@@ -98,7 +100,6 @@ class Transitions:
     advantages: Tensor | None = None  # (N,) filled by policy-gradient objectives
     flow_target_next: Tensor | None = None  # (N, C, H, W) pathwise estimate of ∇_{x'} log F̃(x') (Rollout.flow_targets)
     flow_target_weights: Tensor | None = None  # (N,) importance weight of the path from x (pathwise_target_weights)
-
 
     def __len__(self) -> int:
         return self.x.shape[0]

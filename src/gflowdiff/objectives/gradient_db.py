@@ -29,7 +29,6 @@ from gflowdiff.diffusion_math import (
 from gflowdiff.objectives._reference_passes import reference_structure_residuals
 from gflowdiff.objectives._stacked_passes import stacked_passes
 from gflowdiff.objectives.base import Objective, ObjectiveContext
-from gflowdiff.objectives.pathwise_flow import pathwise_flow_scores, pathwise_target_weights
 from gflowdiff.objectives.gradient_db_math import (
     GuessWeighting,
     TransitionWeighting,
@@ -38,6 +37,7 @@ from gflowdiff.objectives.gradient_db_math import (
     shared_state_order,
     transition_weight,
 )
+from gflowdiff.objectives.pathwise_flow import pathwise_flow_scores, pathwise_target_weights
 from gflowdiff.rewards.base import Reward
 from gflowdiff.sampling import sample_rollout
 from gflowdiff.types import ObjectiveOutput, Rollout, Transitions
@@ -110,8 +110,9 @@ class GradientDBObjective(Objective):
         flow_head_fit: how g_φ is trained: ``detailed_balance`` (the paper: through the ∇-DB residuals, plus the
             pathwise fits above when enabled) or ``value`` (a scalar flow F̃_φ ∈ (0, 1) fitted by regression to its
             definition E_#[R^β | x_t] on pretrained trajectories before training, value_flow_head.py; the flow
-            score is its log-gradient). ``value`` needs a reward with a known upper bound, ``reward_guess_weighting: off`` and
-            ``reverse_loss_scale: 0`` (nothing trainable is left in the reverse condition).
+            score is its log-gradient). ``value`` needs a reward with a known upper bound,
+            ``reward_guess_weighting: off`` and ``reverse_loss_scale: 0`` (nothing trainable is left in the reverse
+            condition).
         value_warmup_trajectories: with ``flow_head_fit: value``, pretrained trajectories sampled at the start of
             training to fit F̃_φ before the first update. F̃ does not depend on the policy, so this one fit serves
             the whole run (measured: refitting on each step's 16 fresh pretrained trajectories at the flow head's
@@ -320,7 +321,7 @@ class GradientDBObjective(Objective):
 
     def rollout_loss(self, rollout: Rollout, ctx: ObjectiveContext) -> ObjectiveOutput | None:
         """The flow-head fit of ``pathwise_flow_scale``: w_P · mean_j w_j·‖σ_{j−1}²·(g_φ(x_j) − a_j)‖² over the
-        states x_1 … x_{T−1} of the rollout; x_T needs no fit (its flow score is β·∇r exactly) and x_0 is never an x'."""
+        states x_1 … x_{T−1} of the rollout; x_T needs no fit (its flow score is β·∇r exactly), x_0 is never an x'."""
         if self.pathwise_flow_scale == 0 or rollout.num_steps < 2:
             return None
         batch, count = rollout.batch_size, rollout.num_steps - 1

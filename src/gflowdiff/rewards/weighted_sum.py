@@ -45,8 +45,10 @@ class WeightedSum(Reward):
         # Instance attributes shadow the class-level flags of Reward: they depend on the terms.
         self.differentiable = all(reward.differentiable for reward in rewards)
         self.uses_prompt = any(reward.uses_prompt for reward in rewards)
-        bounded = all(reward.upper_bound is not None and weight >= 0 for reward, weight in zip(rewards, weights))
-        self.upper_bound = sum(w * r.upper_bound for r, w in zip(rewards, weights)) if bounded else None
+        bounded = all(
+            reward.upper_bound is not None and weight >= 0 for reward, weight in zip(rewards, weights, strict=True)
+        )
+        self.upper_bound = sum(w * r.upper_bound for r, w in zip(rewards, weights, strict=True)) if bounded else None
         self.last_terms: dict[str, Tensor] = {}
         self.freeze()
 
