@@ -18,7 +18,7 @@ from gflowdiff.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = REPO / "configs" / "digits" / "residual_nabla_db_paper.yaml"
-RUN_NAME = "digits_residual_nabla_db"
+RUN_NAME = "digits_residual_nabla_db_paper"
 
 
 def digits_args(root: Path, max_steps: int, *extra: str, subcommand: str = "fit") -> list[str]:
@@ -64,7 +64,7 @@ def test_ckpt_path_last_resumes_the_newest_version_of_the_run(tmp_path, monkeypa
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
-    """A 2-step digits run (``runs/digits_residual_nabla_db/version_0``); tests that write into it copy it."""
+    """A 2-step digits run (``runs/digits_residual_nabla_db_paper/version_0``); tests that write into it copy it."""
     root = tmp_path_factory.mktemp("trained")
     main(digits_args(root, 2))
     return root
