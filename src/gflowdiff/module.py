@@ -191,9 +191,9 @@ class GFlowDiffModule(L.LightningModule):
                 flow_group["weight_decay"] = self.flow_head_weight_decay
             groups.append(flow_group)
         optimizer = self.optimizer_factory(groups)
-        if self.lr_decay == "none":
+        if self.lr_decay == "none" or self._trainer is None:  # no trainer: a parameter-group check (cli.py)
             return optimizer
-        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        max_steps = self.trainer.max_steps
         if max_steps is None or max_steps <= 0:
             raise ValueError("--model.lr_decay cosine needs --trainer.max_steps (the length of the schedule)")
         total = max_steps * self.optimizer_steps_per_rollout
