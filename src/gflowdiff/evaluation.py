@@ -31,8 +31,8 @@ class EvaluationConfig:
             CLIP image embedding from ``feature_model``), or ``auto`` (the classifier when the reward has one).
         feature_model: CLIP hub id or local folder for ``feature_space: clip``.
         diversity_distance: ``cosine`` (1 − cos, DreamSim's form) or ``euclidean``.
-        compare_to_pretrained: also sample the pretrained model (prior fidelity, target fidelity and side-by-side
-            grids need it; doubles the sampling cost).
+        compare_to_pretrained: also sample the pretrained model, twice from independent noise (prior fidelity with
+            its floor, target fidelity and the side-by-side grids need it; triples the sampling cost).
         grid_prompts: prompts whose pretrained | fine-tuned grids go to TensorBoard at each evaluation.
     """
 
@@ -55,9 +55,13 @@ class EvaluationSamples:
     tuned: Rollout
     pretrained: Rollout | None
     pretrained_same_noise: Rollout | None = None
+    pretrained_again: Rollout | None = None  # a second independent pretrained set: the FID/KID floor
+
+
 
 
 INDEPENDENT_NOISE_OFFSET = 7_777_777  # seed offset of the pretrained samples that the metrics compare against
+FLOOR_NOISE_OFFSET = 2 * INDEPENDENT_NOISE_OFFSET  # and of the second pretrained set, for the distances' floor
 
 
 @torch.no_grad()
@@ -69,16 +73,20 @@ def sample_pair(
     seed: int,
     with_pretrained: bool,
     same_noise_pretrained: bool = False,
+    with_floor: bool = False,
 ) -> EvaluationSamples:
     tuned = sample_rollout(policy, prompts, reward, sampler, torch.Generator().manual_seed(seed))
-    pretrained = same_noise = None
+    pretrained = same_noise = again = None
     with policy.reference():
         if with_pretrained:
             generator = torch.Generator().manual_seed(seed + INDEPENDENT_NOISE_OFFSET)
             pretrained = sample_rollout(policy, prompts, reward, sampler, generator)
+        if with_pretrained and with_floor:
+            generator = torch.Generator().manual_seed(seed + FLOOR_NOISE_OFFSET)
+            again = sample_rollout(policy, prompts, reward, sampler, generator)
         if same_noise_pretrained:
             same_noise = sample_rollout(policy, prompts, reward, sampler, torch.Generator().manual_seed(seed))
-    return EvaluationSamples(tuned, pretrained, same_noise)
+    return EvaluationSamples(tuned, pretrained, same_noise, again)
 
 
 class Evaluator(nn.Module):
@@ -94,6 +102,7 @@ class Evaluator(nn.Module):
         self.pretrained_reward_stats = RewardStatistics()
         self.pretrained_diversity = PerPromptDiversity(config.diversity_distance)
         self.prior = PriorFidelity()
+        self.prior_floor = PriorFidelity()  # pretrained vs pretrained at the same sample count
         # The tilted target p^#·exp(β·r) exists for objectives that declare a β; exact where r has a known bound.
         can_classify = self.classify is not None and target_beta is not None
         self.target = TargetFidelity(target_beta, reward.upper_bound) if can_classify else None
@@ -112,6 +121,9 @@ class Evaluator(nn.Module):
             self.prior.update(pretrained_features, pretrained.prompts, pretrained=True)
             if self.target is not None:
                 self.target.update(pretrained.rewards, self.classify(pretrained.images), self.classify(tuned.images))
+            if samples.pretrained_again is not None:
+                self.prior_floor.update(self.features(samples.pretrained_again.images), pretrained.prompts, False)
+                self.prior_floor.update(pretrained_features, pretrained.prompts, pretrained=True)
         self.batches_seen += 1
 
     def compute(self) -> dict[str, float]:
@@ -123,6 +135,8 @@ class Evaluator(nn.Module):
             )
             results["pretrained_diversity"] = float(self.pretrained_diversity.compute())
             results.update({f"prior_{k}": float(v) for k, v in self.prior.compute().items()})
+            if self.prior_floor.update_called:
+                results.update({f"prior_{k}_floor": float(v) for k, v in self.prior_floor.compute().items()})
             if self.target is not None:
                 results.update({f"target_{k}": float(v) for k, v in self.target.compute().items()})
         return results
@@ -134,6 +148,7 @@ class Evaluator(nn.Module):
             self.pretrained_reward_stats,
             self.pretrained_diversity,
             self.prior,
+            self.prior_floor,
         ):
             metric.reset()
         if self.target is not None:

@@ -271,14 +271,18 @@ class GFlowDiffModule(L.LightningModule):
                     self.manual_backward(extra.loss)
                 for key, value in extra.metrics.items():
                     totals[key] = totals.get(key, 0.0) + float(value) / len(groups)
+            transitions_in_step = sum(len(chunk) for chunk in group)
             for index, chunk in enumerate(group):
+                # Each chunk's loss is a mean over its transitions; weighted by its share of the step's transitions,
+                # the step's loss is the mean over all of them, whatever --model.train_batch_size (a memory knob).
+                share = len(chunk) / transitions_in_step
                 with self.gradient_sync(enabled=index == len(group) - 1):  # DDP all-reduces once per step
                     output = self.objective.loss(chunk, context)
                     # Backpropagated even when non-finite: the NaN then reaches every rank's gradients through the
                     # all-reduce, and all ranks skip the step together below.
-                    self.manual_backward(output.loss / len(group))
+                    self.manual_backward(output.loss * share)
                 for key, value in output.metrics.items():
-                    totals[key] = totals.get(key, 0.0) + float(value) / (len(group) * len(groups))
+                    totals[key] = totals.get(key, 0.0) + float(value) * share / len(groups)
             norms = self.clip_gradients_per_group(optimizer)
             totals.update(norms)
             if not all(math.isfinite(norm) for norm in norms.values()):
@@ -374,6 +378,7 @@ class GFlowDiffModule(L.LightningModule):
             seed,
             self.evaluation.compare_to_pretrained,
             same_noise_pretrained=grids and self.evaluation.compare_to_pretrained,
+            with_floor=self.evaluation.compare_to_pretrained,
         )
         self.get_evaluator().update(samples)
         if batch_idx == 0 and self.global_rank == 0:

@@ -577,7 +577,9 @@ class GradientDBObjective(Objective):
             metrics["objective/reverse_loss"] = reverse_loss.detach()
         if g_terminal.numel() > 0:
             # ‖g_φ(x_T)‖² → 0: the learned correction vanishes on terminal states ("loss_terminal", method.md §2.6).
-            terminal_loss = mean_square(g_terminal)
+            # A mean over the chunk's transitions (non-terminal ones contribute 0), like every other term, so that
+            # its weight in a step does not depend on how the step is split into chunks.
+            terminal_loss = g_terminal.pow(2).flatten(1).mean(dim=1).sum() / len(chunk)
             loss = loss + terminal_loss
             metrics["objective/terminal_loss"] = terminal_loss.detach()
         if self.trust_region_scale > 0:
