@@ -80,8 +80,16 @@ def test_fit_checkpoints_only_trainable_state_and_resumes(tiny_sd_path, tmp_path
     validate_args = [a if a != "fit" else "validate" for a in tiny_fit_args(tiny_sd_path, tmp_path)]
     validated = main([*validate_args, "--ckpt_path", str(last), "--data.eval_batch_size", "6"])
     metrics = validated.trainer.callback_metrics
-    for key in ("reward_mean", "diversity", "pretrained_diversity", "prior_fid", "prior_kid", "prior_fid_floor",
-                "prior_kid_floor", "target_tv"):
+    for key in (
+        "reward_mean",
+        "diversity",
+        "pretrained_diversity",
+        "prior_fid",
+        "prior_kid",
+        "prior_fid_floor",
+        "prior_kid_floor",
+        "target_tv",
+    ):
         assert torch.isfinite(metrics[f"val/{key}"]), key
     assert float(metrics["val/prior_fid"]) > 0  # the trained LoRA moved the samples away from the prior
 

@@ -58,8 +58,6 @@ class EvaluationSamples:
     pretrained_again: Rollout | None = None  # a second independent pretrained set: the FID/KID floor
 
 
-
-
 INDEPENDENT_NOISE_OFFSET = 7_777_777  # seed offset of the pretrained samples that the metrics compare against
 FLOOR_NOISE_OFFSET = 2 * INDEPENDENT_NOISE_OFFSET  # and of the second pretrained set, for the distances' floor
 
