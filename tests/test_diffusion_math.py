@@ -1,6 +1,7 @@
 """diffusion_math against diffusers' DDIMScheduler (the sampler SD-1.5 uses) and against autograd / torch.distributions.
 
-Notation (method.md §1): x is the noisier state at timestep t, x' the cleaner one at t − Δ; ᾱ is ``alphas_cumprod``.
+Notation (docs/method.md §1): x is the noisier state at timestep t, x' the cleaner one at t − Δ; ᾱ is
+``alphas_cumprod``.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def test_schedule_matches_method_md_table(scheduler):
     timesteps = torch.tensor([981, 401, 1])
     abar_t, abar_prev = schedule_terms(scheduler, timesteps)
     std = ddim_std(abar_t, abar_prev)
-    # values printed in method.md §1 (numpy, 4 decimals): σ_981 = 0.4545, σ_401 = 0.2590, σ_1 = 0.0206
+    # values printed in docs/method.md §1 (numpy, 4 decimals): σ_981 = 0.4545, σ_401 = 0.2590, σ_1 = 0.0206
     torch.testing.assert_close(std, torch.tensor([0.4545, 0.2590, 0.0206]), atol=1e-4, rtol=0)
     # ᾱ_{t−20}: 0.0073 (t=981), 0.4552 (t=401), ᾱ_0 = 0.99915 on the terminal step
     torch.testing.assert_close(abar_prev, torch.tensor([0.0073, 0.4552, 0.99915]), atol=1e-4, rtol=0)

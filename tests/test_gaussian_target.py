@@ -1,10 +1,10 @@
-"""Fully analytic end-to-end check of residual ∇-DB (method.md §2.3–2.7): Gaussian data, quadratic log-reward.
+"""Fully analytic end-to-end check of residual ∇-DB (docs/method.md §2.3–2.7): Gaussian data, quadratic log-reward.
 
 Setup. The "pretrained model" is the exact noise predictor of data x0 ~ N(μ0, Σ0) on R², run by the real sampler
 (``sample_rollout``; Stable Diffusion's DDIM schedule, T = 20 steps, η = 1). Each step is affine plus Gaussian noise,
 x' = M_k x + v_k + σ_k z, so the pretrained terminal marginal is N(μ_T, Σ_T) in closed form, propagated exactly below.
 (Σ_T ≠ Σ0: a 20-step DDPM sampler shrinks the variance by ~20%, so the target must be built on the sampler's own
-marginal, as method.md §2.3 defines it: p(x_T) ∝ P_F^#(x_T)·R(x_T)^β.) For the log-reward
+marginal, as docs/method.md §2.3 defines it: p(x_T) ∝ P_F^#(x_T)·R(x_T)^β.) For the log-reward
 r(x) = wᵀx − ½(x − m)ᵀA(x − m) the target is N(μ*, Σ*) with Σ*⁻¹ = Σ_T⁻¹ + βA, μ* = Σ*(Σ_T⁻¹μ_T + β(Am + w)).
 
 The fine-tuned policy adds a per-step affine correction W_k x + c_k to ε̂ (the "LoRA": zero-initialised, disabled by

@@ -1,4 +1,4 @@
-"""Closed-form optima of the ∇-DB conditions (method.md §2.2–2.3) on linear-Gaussian chains.
+"""Closed-form optima of the ∇-DB conditions (docs/method.md §2.2–2.3) on linear-Gaussian chains.
 
 The residuals of ``nabla_db_residuals`` must vanish at the exact optimum and not elsewhere. All scores are computed
 with gflowdiff's own ``forward_score`` / ``reverse_score`` / ``backward_kernel_scores`` (means as autograd functions of

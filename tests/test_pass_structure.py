@@ -1,5 +1,5 @@
 """The fused and stacked pass structures compute the same loss and gradients as the reference code's structure
-(method.md §3.1), and sampling with the LoRA merged into the base weights is the unmerged sampler, restoring the
+(docs/method.md §3.1), and sampling with the LoRA merged into the base weights is the unmerged sampler, restoring the
 weights exactly."""
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def test_builtin_sets():
     # one class-conditional prompt per digit 0..9: "<generic> k"
     assert load_prompts("digits:classes") == [f"{GENERIC_PROMPT} {k}" for k in range(10)]
     animals = load_prompts("animals")
-    # the paper's simple-animals setting uses 45 names (method.md §4.3); ours are distinct
+    # the paper's simple-animals setting uses 45 names (docs/method.md §4.3); ours are distinct
     assert len(animals) == 45 and len(set(animals)) == 45
     assert animals == ANIMALS
 

@@ -1,4 +1,4 @@
-"""Which sampler steps are trained on (method.md §2.10): the terminal step plus int(T·fraction) others."""
+"""Which sampler steps are trained on (docs/method.md §2.10): the terminal step plus int(T·fraction) others."""
 
 from __future__ import annotations
 

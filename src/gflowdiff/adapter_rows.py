@@ -4,8 +4,8 @@ The pretrained policy P_F^# is the UNet with its LoRA off; the policy P_F is the
 :meth:`LoraRowMask.only`, every LoRA update s·B(A(x)) is multiplied row by row by a 0/1 mask, so one batched UNet call
 computes P_F^# on the masked-out rows and P_F on the others. Rows never interact in the UNet (its norms and attention
 are per sample), so each row's output and input gradient are those of a call on that row alone, and the masked-out
-rows give the LoRA parameters exactly zero gradient. Larger calls use a GPU better: on the H100 one UNet forward +
-input gradient took 157 ms at batch 8 and 181 ms at batch 16 (README, Performance, run 2).
+rows give the LoRA parameters exactly zero gradient. Larger calls use a GPU better: at SD-1.5 size, a UNet forward +
+input gradient on twice the batch costs much less than two calls (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -8,12 +8,10 @@ first call and, at its second batch size, once more for every batch size (torch'
 
 Scope ``whole`` (default) compiles the UNet as one graph; ``blocks`` (regional compilation) compiles its attention
 and ResNet blocks, so that blocks of one shape share a compiled graph: less compile time (paid again at every
-(re)start of a job unless ``TORCHINDUCTOR_CACHE_DIR`` keeps the kernels), for fewer fusions across blocks. Measured
-(2026-11-26, H100, SD-1.5 size, bf16, B = 4, whole): the residual ∇-DB step in adjacent pairs takes 730 ms instead of
-883 ms eager, after 415 s of compiling; the rollout runs 1.77× faster after ~93 s; the VAE decoder's forward +
-input-gradient backward alone takes 107 ms instead of 167 ms. On this project's 2-core CPU machine (aot_eager, graph
-capture only, SD-1.5 UNet with LoRA at 16×16 latents, forward + input gradient, one thread, while a test run shared
-the machine) the first call took 72 s whole and 54 s in blocks, an eager call 9 s.
+(re)start of a job unless ``TORCHINDUCTOR_CACHE_DIR`` keeps the kernels), for fewer fusions across blocks. On a GPU
+at SD-1.5 size, compiling (``whole``) makes the residual ∇-DB training step, the rollout and the VAE decoder's passes
+faster, after minutes of compiling; on a CPU the first call, graph capture alone, takes several times an eager call,
+less in ``blocks`` than ``whole`` (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from gflowdiff.prompts import load_prompts
 
 def batch_generator(seed: int, rank: int, index: int) -> torch.Generator:
     """The generator of batch ``index`` on ``rank``: a pure function of the three, so a resumed run draws the same
-    prompts, and ranks differ (fixes the reference's identical seeds on every rank, method.md §7 item 3)."""
+    prompts, and ranks differ (fixes the reference's identical seeds on every rank, docs/method.md §7 item 3)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7_919 + index)
 
 

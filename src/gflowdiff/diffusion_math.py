@@ -1,10 +1,10 @@
 """Pure functions for the Gaussian transitions of a DDIM/DDPM sampler. Tensors in, tensors out; no modules.
 
-Notation (method.md §1): a sampler step goes from the noisier state x at DDPM timestep t to the cleaner state x' at
+Notation (docs/method.md §1): a sampler step goes from the noisier state x at DDPM timestep t to the cleaner state x' at
 t_prev = t − Δ. ᾱ is the cumulative product of (1 − β) of the training schedule ("alphas_cumprod"); ε̂ is the
 (CFG-combined) noise prediction. The forward policy is P_F(x'|x) = N(μ(x), σ_t² I) with the DDIM (Song et al. 2021,
-Eq. 12) mean and, for η = 1, the DDPM posterior variance. Per-sample timesteps are (B,) tensors; every per-sample
-scalar is broadcast over (C, H, W) by :func:`per_sample`.
+arXiv 2010.02502, Eq. 12) mean and, for η = 1, the DDPM posterior variance. Per-sample timesteps are (B,) tensors;
+every per-sample scalar is broadcast over (C, H, W) by :func:`per_sample`.
 """
 
 from __future__ import annotations
@@ -76,15 +76,17 @@ def gaussian_log_prob(x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 
 def forward_score(x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """∇_{x'} log P_F(x'|x) = −(x' − μ(x))/σ² (closed form; method.md §1 "forward score")."""
+    """∇_{x'} log P_F(x'|x) = −(x' − μ(x))/σ² (closed form; docs/method.md §1 "forward score"): the policy term of
+    the forward ∇-DB condition (arXiv 2412.07775, Eq. 7 in the numbering of docs/method.md §0)."""
     return -(x_next - mean) / per_sample(std, x_next) ** 2
 
 
 def reverse_score(x: Tensor, x_next: Tensor, mean: Tensor, std: Tensor, create_graph: bool = False) -> Tensor:
-    """∇_x log P_F(x'|x) = J_μ(x)ᵀ (x' − μ(x))/σ², by autograd through ``mean`` (which must be a function of ``x``).
+    """∇_x log P_F(x'|x) = J_μ(x)ᵀ (x' − μ(x))/σ², by autograd through ``mean`` (which must be a function of ``x``):
+    the policy term of the reverse ∇-DB condition (arXiv 2412.07775, Eq. 7; docs/method.md §2.2).
 
     With ``create_graph=False`` the result is a constant for the policy's parameters, as in the reference code
-    (method.md §2.6 item 1); ``True`` keeps the graph for a second-order backward into the policy.
+    (docs/method.md §2.6 item 1); ``True`` keeps the graph for a second-order backward into the policy.
     """
     log_prob = -((x_next - mean) ** 2 / (2 * per_sample(std, x_next) ** 2)).sum()
     (score,) = torch.autograd.grad(log_prob, x, create_graph=create_graph, retain_graph=True)
@@ -92,9 +94,11 @@ def reverse_score(x: Tensor, x_next: Tensor, mean: Tensor, std: Tensor, create_g
 
 
 def backward_kernel_scores(x: Tensor, x_next: Tensor, abar_t: Tensor, abar_prev: Tensor) -> tuple[Tensor, Tensor]:
-    """Scores of the fixed backward policy P_B(x|x') = N(√(ᾱ_t/ᾱ_prev)·x', (1 − ᾱ_t/ᾱ_prev)·I) (one DDPM noising step).
+    """Scores of the fixed backward policy P_B(x|x') = N(√(ᾱ_t/ᾱ_prev)·x', (1 − ᾱ_t/ᾱ_prev)·I) (one DDPM noising step,
+    the P_B of DAG, Zhang et al. 2024, arXiv 2406.00633, ``calculate_pb``).
 
-    Returns (∇_{x'} log P_B(x|x'), ∇_x log P_B(x|x')), the P_B terms of the ∇-DB conditions (method.md §2.2).
+    Returns (∇_{x'} log P_B(x|x'), ∇_x log P_B(x|x')), the P_B terms of the ∇-DB conditions (arXiv 2412.07775,
+    Eq. 7; docs/method.md §2.2).
     """
     ratio = per_sample(abar_t / abar_prev, x)
     residual = (x - ratio.sqrt() * x_next) / (1 - ratio)

@@ -1,9 +1,9 @@
-"""The residual log-flow-score network g_φ(x, t, c) (method.md §2.5).
+"""The residual log-flow-score network g_φ(x, t, c) (docs/method.md §2.5).
 
 A small conditional UNet whose output is used directly as a vector field (the learned part of ∇_x log F̃(x)); it is
 not the gradient of a scalar network. Its output layer is zero-initialised, weight *and* bias: the reference code
-zeroes only the bias, so its g_φ is not zero at step 0 (method.md §2.5); here it is, so that training starts exactly
-at the pretrained sampler with a zero flow correction.
+zeroes only the bias, so its g_φ is not zero at step 0 (docs/method.md §2.5, §7 item 7); here it is, so that training
+starts exactly at the pretrained sampler with a zero flow correction.
 """
 
 from __future__ import annotations

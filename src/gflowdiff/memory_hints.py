@@ -19,7 +19,7 @@ def out_of_memory_message(
     same_math = list(objective_options)
     if not compiled:
         same_math.append(
-            "--model.compile true (torch.compile: the peak fell from 32.1 to 17.7 GiB on an H100, SD-1.5 at B = 4; "
+            "--model.compile true (torch.compile: a much lower peak at SD-1.5 size, docs/performance.md; "
             "the first steps compile for minutes)"
         )
     if train_batch_size > 1:

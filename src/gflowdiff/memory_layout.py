@@ -5,8 +5,8 @@ layout around each convolution. Converting the weights is enough: a convolution 
 channels-last output, so the layout carries through the network and its backward passes. Values are the same up to
 float round-off (the kernels sum in another order).
 
-Measured on this project's 2-core CPU (2026-11-26, fp32): `make demo` trains in 224 s instead of 239 s, with the same
-figures; `make benchmark` prints the step and rollout times (README, Performance). Not measured on GPU, where
+On CPU (fp32) it makes training a few per cent faster with the same results (docs/performance.md; `make benchmark`
+prints the step and rollout times). Not measured on GPU, where
 PyTorch's GroupNorm has long returned contiguous outputs (pytorch#111824), which would add a layout conversion
 around every norm; and inductor picks convolution layouts itself, so a compiled network gains little.
 """

@@ -50,7 +50,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def step_generator(seed: int, rank: int, rollout_index: int) -> torch.Generator:
     """All randomness of one rollout and its subsampling, as a pure function of (seed, rank, rollout index): a
-    resumed run redraws exactly, and every rank draws differently (method.md §7 item 3: the reference seeds every
+    resumed run redraws exactly, and every rank draws differently (docs/method.md §7 item 3: the reference seeds every
     rank identically)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7_919 + rollout_index + 1_000_000_000)
 
@@ -80,7 +80,7 @@ class GFlowDiffModule(L.LightningModule):
         optimizer_steps_per_rollout: optimizer steps that share one rollout (its chunks are split among them).
         max_grad_norm: gradient-norm clip, applied to each parameter group separately; 0 disables.
         off_policy: train on the previous rollout while keeping the fresh one (the reference's one-epoch-stale
-            data, method.md §3.4); default: on-policy.
+            data, docs/method.md §3.4); default: on-policy.
         seed: seed of rollouts and subsampling (offset by the rank on each device).
         log_images_every_n_steps: interval of the TensorBoard sample grid; 0 disables.
         max_consecutive_bad_steps: stop the run after this many consecutive steps skipped for NaN/inf rewards,
@@ -89,8 +89,9 @@ class GFlowDiffModule(L.LightningModule):
             gradient is finite, non-zero and matches finite differences (catches no_grad/detach/clamp rewards).
         evaluation: metrics of ``validate``/``test`` and of the validation during ``fit`` (evaluation.py).
         compile: ``torch.compile`` the UNet, VAE decoder, flow head and reward networks (compilation.py); same math.
-            For GPUs: the first steps and the first rollout compile for minutes (415 s + 93 s for SD-1.5 on an H100);
-            on CPU compiling takes far longer. Kernels are cached in ``TORCHINDUCTOR_CACHE_DIR`` for restarts.
+            For GPUs: the first steps and the first rollout compile for several minutes at SD-1.5 size
+            (docs/performance.md); on CPU compiling takes far longer. Kernels are cached in
+            ``TORCHINDUCTOR_CACHE_DIR`` for restarts.
         compile_scope: ``whole`` compiles the UNet as one graph, ``blocks`` its repeated blocks (less compile
             time; fewer fusions).
         compile_backend: torch.compile backend; ``aot_eager_decomp_partition`` captures the same graphs without
@@ -290,7 +291,7 @@ class GFlowDiffModule(L.LightningModule):
                 self.skip_step(f"non-finite gradient norm {norms} (loss terms: {output.metrics})")
                 continue
             # One optimizer step per accumulation: the reference calls scaler.step() *and* optimizer.step(), i.e.
-            # two AdamW updates on the same gradients (method.md §4.2, §7 item 2). Fixed here.
+            # two AdamW updates on the same gradients (docs/method.md §4.2, §7 item 2). Fixed here.
             optimizer.step()
             schedule = self.lr_schedulers()
             if schedule is not None:

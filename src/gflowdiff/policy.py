@@ -31,7 +31,7 @@ _ANNOUNCED_SCHEDULERS: set[tuple[str, str]] = set()  # (model path, scheduler cl
 
 @dataclass
 class LoRAConfig:
-    """LoRA on the UNet's attention projections (method.md §4.1: rank 8, alpha 8, Gaussian init, B = 0).
+    """LoRA on the UNet's attention projections (docs/method.md §4.1: rank 8, alpha 8, Gaussian init, B = 0).
 
     Args:
         rank: LoRA rank r.

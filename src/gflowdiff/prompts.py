@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gflowdiff.zoo.digits import GENERIC_PROMPT, digit_prompt
 
-# Our own list for the paper's "simple animals" setting (method.md §4.3 uses 45 animal names).
+# Our own list for the paper's "simple animals" setting (docs/method.md §4.3 uses 45 animal names).
 ANIMALS = [
     "cat", "dog", "horse", "cow", "sheep", "pig", "goat", "rabbit", "mouse", "hamster", "fox", "wolf", "bear",
     "panda", "koala", "kangaroo", "lion", "tiger", "leopard", "cheetah", "zebra", "giraffe", "elephant", "rhino",

@@ -16,7 +16,7 @@ from gflowdiff.types import Rollout
 
 @dataclass
 class SamplerConfig:
-    """The sampler that both generates trajectories and defines P_F (method.md §4.1: 50 steps, η = 1, CFG 5).
+    """The sampler that both generates trajectories and defines P_F (docs/method.md §4.1: 50 steps, η = 1, CFG 5).
 
     Args:
         num_inference_steps: number of sampler steps T.

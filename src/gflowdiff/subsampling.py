@@ -1,4 +1,4 @@
-"""Which sampler steps of each trajectory are trained on (method.md §2.10). Pure functions on index tensors."""
+"""Which sampler steps of each trajectory are trained on (docs/method.md §2.10). Pure functions on index tensors."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ class Rollout:
     latents: Tensor  # (B, T+1, C, H, W)
     timesteps: Tensor  # (T,) DDPM timestep t of each sampler step
     prev_timesteps: Tensor  # (T,) t − Δ (negative on the last step)
-    noise_preds: Tensor  # (B, T, C, H, W) CFG-combined ε̂ of the behaviour policy (trust-region anchor, §2.8)
+    noise_preds: Tensor  # (B, T, C, H, W) behaviour policy's CFG-combined ε̂ (trust-region anchor, docs/method.md §2.8)
     log_probs: Tensor  # (B, T) log P_F(x_{j+1}|x_j) under the behaviour policy (policy-gradient baselines)
     prompt_embeds: Tensor  # (B, L, D) conditional text embeddings
     negative_embeds: Tensor  # (B, L, D) embeddings of the empty prompt (CFG)

@@ -1,6 +1,6 @@
 """Objective plugins: every public concrete class here is selectable as ``model.objective: {class_path: <Name>}``.
 
-Gradient-informed GFlowNets (the method): ``ResidualNablaDB``, ``NablaDB``. Baselines (method.md §6): ``DDPO``
+Gradient-informed GFlowNets (the method): ``ResidualNablaDB``, ``NablaDB``. Baselines (docs/method.md §6): ``DDPO``
 (policy gradient), ``ReFL`` and ``DRaFT`` (reward backpropagation), ``DB`` and ``ResidualDB`` (scalar detailed
 balance).
 """

@@ -1,7 +1,7 @@
 """Shared pieces of the reward-backpropagation baselines ReFL and DRaFT: sampler steps that can carry gradients.
 
-Notation (method.md §1, §6): the sampler goes from x_0 (noise) to x_T (the sample) in T steps; step j maps the state
-at DDPM timestep t_j to the state at t_j − Δ with P_F(x'|x) = N(μ_θ(x, t), σ_t² I). Written reparameterised,
+Notation (docs/method.md §1, §6): the sampler goes from x_0 (noise) to x_T (the sample) in T steps; step j maps the
+state at DDPM timestep t_j to the state at t_j − Δ with P_F(x'|x) = N(μ_θ(x, t), σ_t² I). Written reparameterised,
 x' = μ_θ(x, t) + σ_t·z with z ~ N(0, I) drawn outside the model, a step is differentiable in θ (and in x), which is
 what lets these baselines backpropagate r(D(x_T)) into the LoRA.
 """
@@ -21,8 +21,9 @@ def reward_loss(rewards: Tensor, margin: float | None = None) -> Tensor:
     """The loss of a pathwise reward-maximisation method.
 
     Notation: ``rewards`` → r(D(x̂)) of the samples, differentiable in θ. Without a margin this is −mean r (DRaFT,
-    Clark et al. 2023, Eq. 2; AlignProp). With one it is ReFL's hinge mean ReLU(margin − r) (Xu et al. 2023,
-    ImageReward §4; the released code uses margin 2): samples whose reward already exceeds the margin give no gradient.
+    Clark et al. 2023, arXiv 2309.17400, Eq. 2; AlignProp). With one it is ReFL's hinge mean ReLU(margin − r) (Xu et
+    al. 2023, ImageReward, arXiv 2304.05977, §4; the released code uses margin 2): samples whose reward already
+    exceeds the margin give no gradient.
     """
     if margin is None:
         return -rewards.mean()
@@ -34,7 +35,7 @@ def renoise(x: Tensor, abar_t: Tensor, abar_prev: Tensor, noise: Tensor) -> Tens
 
     Notation: ``x`` → the final sample x_T (at level ᾱ_prev of the last step); the result is distributed like the state
     before the last sampler step given x_T (DRaFT-LV, Clark et al. 2023 Alg. 2, "noise the final sample and denoise
-    once"). This is the backward kernel P_B(x|x') of method.md §1. ``abar_*`` are (B,).
+    once"). This is the backward kernel P_B(x|x') of docs/method.md §1. ``abar_*`` are (B,).
     """
     ratio = per_sample(abar_t / abar_prev, x)
     return ratio.sqrt() * x + (1 - ratio).sqrt() * noise

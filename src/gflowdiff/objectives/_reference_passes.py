@@ -1,4 +1,4 @@
-"""The ``reference`` pass structure: the reference code's passes (method.md §3.1 steps 6–12), each on its own.
+"""The ``reference`` pass structure: the reference code's passes (docs/method.md §3.1 steps 6–12), each on its own.
 
 gflowdiff keeps it to check the fused and stacked structures against (tests/test_pass_structure.py) and to time them
 against (scripts/benchmark.py), and for ``reverse_loss_trains_policy``, whose second-order backward needs the policy's
@@ -25,7 +25,7 @@ def reward_gradient(x: Tensor, x0_hat: Tensor, prompts: list[str], ctx: Objectiv
     """∇_x r(D(x̂0(x))), detached: a target, not a path for gradients. ``x0_hat`` must be a function of ``x``.
 
     The reward sees the prompts of these transitions' own trajectories. (Fixes the reference, which passes the
-    prompts left over from the last sampling batch: method.md §7 item 4.)
+    prompts left over from the last sampling batch: docs/method.md §7 item 4.)
     """
     # A NaN reward here makes the loss and gradients NaN; the module then skips the step on every rank.
     rewards = ctx.reward(ctx.policy.decode(x0_hat), prompts)
@@ -57,7 +57,7 @@ def reference_structure_residuals(
     abar_prev: Tensor,
     prior: _Scores,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """The reference's passes (method.md §3.1 steps 6–12): the policy's reverse VJP, a reward-gradient pass at
+    """The reference's passes (docs/method.md §3.1 steps 6–12): the policy's reverse VJP, a reward-gradient pass at
     x' and another at x, each on its own."""
     need_reverse = objective.reverse_loss_scale > 0
     policy_rev = None

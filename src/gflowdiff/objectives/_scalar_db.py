@@ -1,6 +1,7 @@
 """Shared machinery of the scalar detailed-balance baselines DB (DAG, Zhang et al. 2024) and residual DB.
 
-Both enforce, for each transition x → x' (method.md §2.1), the log-domain detailed-balance condition
+Both enforce, for each transition x → x' (docs/method.md §2.1), the log-domain detailed-balance condition of GFlowNets
+(Bengio et al., "GFlowNet Foundations", arXiv 2111.09266), in the continuous diffusion form of DAG (arXiv 2406.00633):
 
     log F(x) + log P_F(x'|x) = log Prior(x, x') + log F(x'),        log F(x_T) = β·r(x_T)
 
@@ -13,9 +14,9 @@ policy under no_grad, so the learned part only corrects a one-step reward estima
 
 The scalar F_φ reads out the framework's flow head (``--model.flow_head``) by a global mean over its output field:
 a conditional UNet followed by average pooling and the linear map of its (zero-initialised) output layer, the shape of
-DAG's scalar flow network (a UNet trunk with a linear scalar head, method.md §2.5). Reusing the module-built head gives
-it the policy's dimensions, its own optimizer group (``--model.flow_head_lr``), checkpointing, and DDP wrapping
-without any extra machinery, and F_φ = 0 at step 0.
+DAG's scalar flow network (a UNet trunk with a linear scalar head, docs/method.md §2.5). Reusing the module-built
+head gives it the policy's dimensions, its own optimizer group (``--model.flow_head_lr``), checkpointing, and DDP
+wrapping without any extra machinery, and F_φ = 0 at step 0.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ LogProbReduction = Literal["mean", "sum"]
 
 # ---- pure math ------------------------------------------------------------------------------------------------------
 def reduced_gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduction: LogProbReduction = "mean") -> Tensor:
-    """log N(x; μ, σ²I) as the per-element ``mean`` (DAG's ``logp_mean=True``, method.md §2.1) or the ``sum`` over
+    """log N(x; μ, σ²I) as the per-element ``mean`` (DAG's ``logp_mean=True``, docs/method.md §2.1) or the ``sum`` over
     the elements (the true log-density).
 
     Notation: ``x`` → the state whose density is taken, ``mean`` → μ, ``std`` → σ (B,). With ``mean`` the
@@ -52,14 +53,15 @@ def backward_log_prob(
     """log P_B(x|x') (per-element mean or sum) for the one-step DDPM noising kernel
     N(√(ᾱ_t/ᾱ_prev)·x', (1 − ᾱ_t/ᾱ_prev)·I).
 
-    Notation: ``x`` → the noisier state at t, ``x_next`` → x' at t − Δ (method.md §1, DAG ``calculate_pb``).
+    Notation: ``x`` → the noisier state at t, ``x_next`` → x' at t − Δ (docs/method.md §1, DAG ``calculate_pb``).
     """
     ratio = abar_t / abar_prev
     return reduced_gaussian_log_prob(x, per_sample(ratio.sqrt(), x_next) * x_next, (1 - ratio).sqrt(), reduction)
 
 
 def forward_looking_log_flow(learned: Tensor, reward_estimate: Tensor, reward_scale: float) -> Tensor:
-    """log F(x_t) = F_φ(x_t) + β·r(D(x̂0(x_t))) (DAG's forward-looking parameterisation, method.md §2.1).
+    """log F(x_t) = F_φ(x_t) + β·r(D(x̂0(x_t))) (DAG's forward-looking parameterisation, arXiv 2406.00633;
+    docs/method.md §2.1).
 
     Notation: ``learned`` → F_φ(x_t, t, c); ``reward_estimate`` → r(D(x̂0_θ(x_t))); ``reward_scale`` → β. (N,).
     """
@@ -70,7 +72,7 @@ def db_residual(log_flow: Tensor, log_pf: Tensor, log_prior: Tensor, log_flow_ne
     """log F(x) + log P_F(x'|x) − log Prior(x, x') − log F(x'); zero when detailed balance holds. All (N,).
 
     Notation: ``log_prior`` → log P_B(x|x') (DB) or log P_F^#(x'|x) (residual DB); ``log_flow_next`` → β·r(x_T)
-    on terminal transitions (method.md §2.1, [PROJ] DB equation).
+    on terminal transitions (docs/method.md §2.1, [PROJ] DB equation; detailed balance: arXiv 2111.09266).
     """
     return log_flow + log_pf - log_prior - log_flow_next
 
@@ -92,10 +94,10 @@ class ScalarDBObjective(Objective):
         reward_scale: β, the reward exponent of the target (R^β = exp(β·r)).
         forward_looking: add β·r(D(x̂0_θ(x_t))) to the learned log-flow (DAG); False learns F_φ alone.
         trust_region_scale: λ, weight of mean‖ε̂_θ(x,t) − ε̂_old(x,t)‖² against the behaviour model's stored CFG
-            output (method.md §2.8; DAG uses 1). Its gradient is zero until the policy has moved away from the one
+            output (docs/method.md §2.8; DAG uses 1). Its gradient is zero until the policy has moved away from the one
             that sampled the rollout: it acts with ``--model.off_policy`` or several optimizer steps per rollout.
         timestep_fraction: fraction of the T steps trained per trajectory (K = int(T·fraction) + 1 with the terminal).
-        low_variance_subsampling: stratify the trained steps over contiguous chunks (method.md §2.10).
+        low_variance_subsampling: stratify the trained steps over contiguous chunks (docs/method.md §2.10).
         log_prob_reduction: ``mean`` over the state's elements (DAG; the effective reward exponent is then β·C·H·W)
             or ``sum`` (the true log-densities: the optimum samples ∝ R^β, or p^#·R^β for residual DB).
     """

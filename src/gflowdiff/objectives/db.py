@@ -1,5 +1,6 @@
-"""DB (method.md §2.1, §6 "DAG-DB"; Zhang et al. 2024, arXiv 2406.00633): scalar detailed balance against the fixed
-backward policy, with a forward-looking learned log-flow. Its target is R(x)^β alone."""
+"""DB (docs/method.md §2.1, §6 "DAG-DB"; Zhang et al. 2024, arXiv 2406.00633): scalar detailed balance against the fixed
+backward policy, with a forward-looking learned log-flow. Its target is R(x)^β alone. Detailed balance itself is from
+Bengio et al., "GFlowNet Foundations" (arXiv 2111.09266)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""DDPO (Black et al. 2023, "Training Diffusion Models with Reinforcement Learning"; method.md §6).
+"""DDPO (Black et al. 2023, "Training Diffusion Models with Reinforcement Learning", arXiv 2305.13301;
+docs/method.md §6).
 
 Policy gradient on the denoising MDP: each sampler step is an action with Gaussian log-probability log P_F(x'|x). The
 loss is PPO's clipped surrogate on the importance ratio between the current policy and the behaviour policy that
@@ -22,8 +23,8 @@ LogProbReduction = Literal["mean", "sum"]
 
 # ---- pure math ------------------------------------------------------------------------------------------------------
 def ppo_clip_loss(advantages: Tensor, log_prob: Tensor, log_prob_old: Tensor, clip_range: float) -> Tensor:
-    """mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))) with ρ = exp(log π_θ − log π_old) (PPO, Schulman et al. 2017, Eq. 7;
-    DDPO Eq. 5 with the clipped surrogate of its §4.3).
+    """mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))) with ρ = exp(log π_θ − log π_old) (PPO, Schulman et al. 2017,
+    arXiv 1707.06347, Eq. 7; DDPO Eq. 5 with the clipped surrogate of its §4.3).
 
     Notation: ``advantages`` → A of each transition's trajectory; ``log_prob`` → log P_F,θ(x'|x) (differentiable);
     ``log_prob_old`` → the behaviour policy's stored log-prob; ``clip_range`` → ε. All (N,).

@@ -1,4 +1,5 @@
-"""DRaFT (Clark et al. 2023, "Directly Fine-Tuning Diffusion Models on Differentiable Rewards"; method.md §6).
+"""DRaFT (Clark et al. 2023, "Directly Fine-Tuning Diffusion Models on Differentiable Rewards", arXiv 2309.17400;
+docs/method.md §6).
 
 DRaFT-K backpropagates r(D(x_T)) through the last K sampler steps (K = 1 is the paper's usual choice; K = T is full
 backpropagation, as in AlignProp). DRaFT-LV (K = 1) re-noises the final sample n times to the noise level of the last

@@ -1,12 +1,13 @@
 """Shared machinery of the gradient-informed detailed-balance objectives (∇-DB and residual ∇-DB).
 
-Both regress the policy's scores of a transition x → x' onto "prior" scores plus flow scores (method.md §2.2–2.3):
+Both regress the policy's scores of a transition x → x' onto "prior" scores plus flow scores (docs/method.md §2.2–2.3):
 
     forward:  ∇_{x'} log P_F(x'|x) − prior_fwd  =  ∇_{x'} log F(x')      (terminal: β·∇ log R(x_T))
     reverse:  ∇_x    log P_F(x'|x) − prior_rev  = −∇_x    log F(x)
 
 where the prior is the backward policy P_B (∇-DB) or the pretrained policy P_F^# (residual ∇-DB). The flow score is
-parameterised "forward-looking" (§2.4): ∇ log F(x_t) ≈ g_φ(x_t, t, c) + β·γ_t·∇_{x_t} r(D(x̂0_θ(x_t, t))).
+parameterised "forward-looking" (docs/method.md §2.4):
+∇ log F(x_t) ≈ g_φ(x_t, t, c) + β·γ_t·∇_{x_t} r(D(x̂0_θ(x_t, t))).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class GradientDBObjective(Objective):
         reward_scale: β, the reward exponent of the target (R^β); multiplies every reward gradient.
         reverse_loss_scale: w_B, weight of the reverse condition; 0 trains with the forward condition only.
         trust_region_scale: λ, weight of mean‖ε̂_θ(x,t) − ε̂_old(x,t)‖² against the behaviour model's stored CFG
-            output (method.md §2.8).
+            output (docs/method.md §2.8).
         use_flow_head: learn the correction g_φ; False trusts the forward-looking reward guess alone (the
             reference's ``no_flow``: also sets the reverse weight to 0).
         reward_guess_weighting: γ_t of the forward-looking guess; ``off`` leaves the flow score to g_φ alone.
@@ -80,13 +81,13 @@ class GradientDBObjective(Objective):
         transition_weighting: ``none`` (the reference) or ``variance``: scale each transition's residuals by σ_t²
             so that early, high-noise transitions are not drowned by the last ones (same optimum).
         timestep_fraction: fraction of the T steps trained per trajectory (K = int(T·fraction) + 1 with the terminal).
-        low_variance_subsampling: stratify the trained steps over contiguous chunks (method.md §2.10).
+        low_variance_subsampling: stratify the trained steps over contiguous chunks (docs/method.md §2.10).
         pass_structure: how the loss is computed, not what: ``fused`` (default) takes the policy's reverse score and
             the reward guess at x in one vector-Jacobian product, frees the x' pass before the x pass (one UNet
             graph alive at a time), and where a batch holds two transitions that meet at one state it runs the
             VAE decoder and reward there once; ``stacked`` computes the same with the UNet passes at x and x' (and the
             pretrained pass at x) batched into one forward and one input-gradient backward, for GPUs that a B-row
-            pass leaves idle (more memory); ``reference`` re-creates the reference code's passes (method.md §3.1).
+            pass leaves idle (more memory); ``reference`` re-creates the reference code's passes (docs/method.md §3.1).
         adjacent_pairs: train steps in adjacent pairs (j, j + 1), see
             :func:`gflowdiff.subsampling.subsample_adjacent_pairs`, so that the fused structure saves one
             VAE-decoder + reward forward/backward per pair. Each transition's loss is unchanged; which transitions
@@ -292,7 +293,7 @@ class GradientDBObjective(Objective):
 
     @property
     def guesses_reward_at_x(self) -> bool:
-        """Whether ∇_x log F(x) has the term β·γ_t·∇_x r(D(x̂0_θ(x, t))) (§2.4)."""
+        """Whether ∇_x log F(x) has the term β·γ_t·∇_x r(D(x̂0_θ(x, t))) (docs/method.md §2.4)."""
         return self.reward_guess_weighting != "off" and self.reward_scale > 0
 
     def memory_options(self) -> list[str]:
@@ -310,7 +311,7 @@ class GradientDBObjective(Objective):
         return options
 
     def reward_guess_scale(self, abar: Tensor) -> Tensor:
-        """β·γ_t, the weight of the reward guess in ∇ log F (§2.4). Shape of ``abar``."""
+        """β·γ_t, the weight of the reward guess in ∇ log F (docs/method.md §2.4). Shape of ``abar``."""
         return self.reward_scale * guess_weight(abar, self.reward_guess_weighting)
 
     @property
@@ -563,7 +564,7 @@ class GradientDBObjective(Objective):
             reverse_residual = None
             if policy_rev_plus_guess is not None:
                 g_cur = ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds) if self.use_flow_head else 0.0
-                # policy_rev − prior_rev + flow_cur, with flow_cur = g_φ(x) + β·γ_t·∇_x r (method.md §2.3)
+                # policy_rev − prior_rev + flow_cur, with flow_cur = g_φ(x) + β·γ_t·∇_x r (docs/method.md §2.3)
                 reverse_residual = policy_rev_plus_guess - prior.reverse + g_cur
 
         if self.forward_flow_target == "pathwise":  # the policy regresses onto a(x') instead of g_φ + guess
@@ -589,9 +590,9 @@ class GradientDBObjective(Objective):
             loss = loss + self.reverse_loss_scale * reverse_loss
             metrics["objective/reverse_loss"] = reverse_loss.detach()
         if g_terminal.numel() > 0:
-            # ‖g_φ(x_T)‖² → 0: the learned correction vanishes on terminal states ("loss_terminal", method.md §2.6).
-            # A mean over the chunk's transitions (non-terminal ones contribute 0), like every other term, so that
-            # its weight in a step does not depend on how the step is split into chunks.
+            # ‖g_φ(x_T)‖² → 0: the learned correction vanishes on terminal states ("loss_terminal",
+            # docs/method.md §2.6). A mean over the chunk's transitions (non-terminal ones contribute 0), like every
+            # other term, so that its weight in a step does not depend on how the step is split into chunks.
             terminal_loss = g_terminal.pow(2).flatten(1).mean(dim=1).sum() / len(chunk)
             loss = loss + terminal_loss
             metrics["objective/terminal_loss"] = terminal_loss.detach()

@@ -1,4 +1,7 @@
-"""∇-DB (method.md §2.2): gradient-informed detailed balance against the fixed backward policy; target R(x)^β."""
+"""∇-DB (docs/method.md §2.2): gradient-informed detailed balance against the fixed backward policy; target R(x)^β.
+
+Paper: arXiv 2412.07775 (Liu et al., ICLR 2025), its Eq. 7 (numbering from a secondary source, docs/method.md §0).
+"""
 
 from __future__ import annotations
 

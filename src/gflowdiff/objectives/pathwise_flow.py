@@ -1,5 +1,5 @@
 """Pathwise estimates of the residual flow score ∇_x log F̃(x_t), by backpropagating the terminal reward gradient
-through the pretrained sampler's steps along a sampled trajectory (docs/method.md, "Pathwise flow targets").
+through the pretrained sampler's steps along a sampled trajectory (docs/method.md §9).
 
 Notation: a trajectory x_0 → … → x_T of T sampler steps, x_{j+1} = μ_#(x_j) + σ_j·z_j under the pretrained policy
 P_F^#. The residual flow of residual ∇-DB is F̃(x_j) = E_{P_F^#}[R(x_T)^β | x_j] (arXiv 2412.07775, §3.3: the flow

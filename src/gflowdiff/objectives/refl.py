@@ -1,4 +1,5 @@
-"""ReFL (Xu et al. 2023, "ImageReward", §4 "Reward Feedback Learning"; method.md §6): one-step reward backprop.
+"""ReFL (Xu et al. 2023, "ImageReward", arXiv 2304.05977, §4 "Reward Feedback Learning"; docs/method.md §6): one-step
+reward backprop.
 
 Sample without gradients down to a random late step k, take one gradient-enabled UNet pass there, predict x̂0 in one
 shot, decode it and ascend the reward. Only that single UNet call is differentiated.

@@ -1,5 +1,6 @@
-"""Residual DB (method.md §6, [LLMREV]): scalar detailed balance relative to the pretrained policy; target
-p^#(x)·R(x)^β. The DB analogue of residual ∇-DB (method.md §2.3)."""
+"""Residual DB (docs/method.md §6, [LLMREV]): scalar detailed balance relative to the pretrained policy; target
+p^#(x)·R(x)^β. The DB analogue of residual ∇-DB (docs/method.md §2.3), a baseline of arXiv 2412.07775 (per a
+secondary source)."""
 
 from __future__ import annotations
 

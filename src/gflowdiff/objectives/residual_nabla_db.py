@@ -1,4 +1,8 @@
-"""Residual ∇-DB (method.md §2.3): detailed balance relative to the pretrained policy; target p^#(x)·R(x)^β."""
+"""Residual ∇-DB (docs/method.md §2.3): detailed balance relative to the pretrained policy; target p^#(x)·R(x)^β.
+
+Paper: arXiv 2412.07775 (Liu et al., ICLR 2025), the method it proposes; its target is Eq. 10 (numbering from a
+secondary source, docs/method.md §0).
+"""
 
 from __future__ import annotations
 
@@ -105,7 +109,7 @@ class ResidualNablaDB(GradientDBObjective):
         """ρ·∇ log P_F^#(x'|x) with respect to x' (closed form) and x (a VJP through the frozen UNet).
 
         The reverse score is a constant (no second-order graph). The reference also multiplies the *policy's*
-        reverse score by ρ (method.md §2.6 item 2); here ρ scales only the prior, as its definition says.
+        reverse score by ρ (docs/method.md §2.6 item 2); here ρ scales only the prior, as its definition says.
         """
         need_reverse = self.reverse_loss_scale > 0
         x = chunk.x.detach().requires_grad_(need_reverse)

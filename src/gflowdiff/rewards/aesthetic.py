@@ -1,4 +1,4 @@
-"""The LAION aesthetic predictor: an MLP on L2-normalised CLIP ViT-L/14 image embeddings (method.md §4.4)."""
+"""The LAION aesthetic predictor: an MLP on L2-normalised CLIP ViT-L/14 image embeddings (docs/method.md §4.4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""HPSv2.1: human preference score from an open_clip ViT-H-14 fine-tuned on HPDv2 (method.md §4.4).
+"""HPSv2.1: human preference score from an open_clip ViT-H-14 fine-tuned on HPDv2 (docs/method.md §4.4).
 
 open_clip is an optional dependency (``pip install 'gflowdiff[hpsv2]'``), imported only when the reward is built.
 """

@@ -1,4 +1,4 @@
-"""ImageReward v1.0 (Xu et al. 2023) rebuilt from transformers' BLIP components (method.md §4.4).
+"""ImageReward v1.0 (Xu et al. 2023) rebuilt from transformers' BLIP components (docs/method.md §4.4).
 
 ImageReward is BLIP's image-grounded text encoder: a ViT-L/16 encodes the image, a BERT-base text encoder reads the
 prompt with cross-attention to the image tokens, and the LAION-style MLP head maps the [CLS] state to a score, which

@@ -73,7 +73,7 @@ def build_text_encoder(vocab_size: int):
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=MAX_PROMPT_TOKENS,
-        bos_token_id=0,  # inside the vocab, so pooler_output is well defined (environment notes §2)
+        bos_token_id=0,  # inside the vocab, so pooler_output is well defined
         eos_token_id=1,
         pad_token_id=1,
     )
