@@ -3,12 +3,10 @@ the analytic Gaussian problem (tests/test_gaussian_target.py, tests/test_pathwis
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from gflowdiff.objectives import ObjectiveContext, ResidualNablaDB, gradient_db
+from gflowdiff.objectives import ObjectiveContext, ResidualNablaDB
 from gflowdiff.sampling import sample_rollout
 from gflowdiff.value_flow_head import ValueFlowHead, soft_labels, value_fit_loss
 from tests.test_gaussian_target import BETA, DIM, F64, QUADRATIC, SAMPLER, GaussianPolicy, QuadraticReward
@@ -49,8 +47,7 @@ def test_warm_up_fits_the_exact_flow_score_of_a_curved_reward():
     objective.check_compatible(reward)
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    metrics = objective.warm_up(ObjectiveContext(policy, reward, SAMPLER, head, generator), [""])
-    assert metrics["objective/value_warmup_heldout_loss"] < math.log(2)  # below a constant prediction's
+    objective.warm_up(ObjectiveContext(policy, reward, SAMPLER, head, generator), [""])
     with policy.reference():
         rollout = sample_rollout(policy, [""] * 512, reward, SAMPLER, torch.Generator().manual_seed(1))
     exact = exact_flow_scores(policy, reward)
@@ -63,32 +60,6 @@ def test_warm_up_fits_the_exact_flow_score_of_a_curved_reward():
         errors.append(float((fitted - truth).norm(dim=1).mean() / truth.norm(dim=1).mean()))
     # A flat (untrained) head's relative error is 1.0.
     assert max(errors) < 0.3, errors
-
-
-def test_warm_up_keeps_the_epoch_with_the_lowest_held_out_loss(monkeypatch):
-    # 64 trajectories and 12 epochs: a head this size overfits them; the kept epoch is the held-out optimum.
-    policy, reward = GaussianPolicy(), bounded_reward()
-    head = ValueFlowHead(channels=DIM, sample_size=1, cross_attention_dim=1)
-    objective = ResidualNablaDB(
-        reward_scale=BETA, flow_head_fit="value", reward_guess_weighting="off", reverse_loss_scale=0.0,
-        value_warmup_trajectories=64, value_warmup_epochs=12,
-    )  # fmt: skip
-    held_out_losses = []
-    fit_loss = gradient_db.value_fit_loss
-
-    def recording_loss(head, states, *rest):
-        loss = fit_loss(head, states, *rest)
-        if not torch.is_grad_enabled():  # the held-out evaluation after each epoch
-            held_out_losses.append(float(loss))
-        return loss
-
-    monkeypatch.setattr(gradient_db, "value_fit_loss", recording_loss)
-    torch.manual_seed(0)
-    metrics = objective.warm_up(ObjectiveContext(policy, reward, SAMPLER, head, torch.Generator().manual_seed(0)), [""])
-    assert len(held_out_losses) == 12
-    best = min(range(12), key=held_out_losses.__getitem__)
-    assert metrics["objective/value_warmup_best_epoch"] == best
-    assert metrics["objective/value_warmup_heldout_loss"] == pytest.approx(held_out_losses[best])
 
 
 def test_value_fit_needs_a_bounded_reward_and_the_whole_flow_score():
