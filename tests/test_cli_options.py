@@ -84,3 +84,29 @@ def test_unknown_lora_target_module_names_the_option(tiny_sd_path):
 
     with pytest.raises(ValueError, match="--model.lora.target_modules: 'to_qq' matches no layer of the UNet.*to_q"):
         DiffusionPolicy(str(tiny_sd_path), lora=LoRAConfig(target_modules=["to_q", "to_qq"]))
+
+
+def test_invalid_yaml_names_the_file_and_line(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  lora:\n    rank: 4\n   alpha: [1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(broken)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"--config {broken}: line 4" in error and "invalid YAML" in error
+
+
+def test_a_non_square_unet_is_refused_naming_the_model(tiny_sd_path, tmp_path):
+    import json
+    import shutil
+
+    from gflowdiff.policy import DiffusionPolicy
+
+    folder = tmp_path / "non_square"
+    shutil.copytree(tiny_sd_path, folder)
+    config_path = folder / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["sample_size"] = [config["sample_size"], 2 * config["sample_size"]]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="--model.pretrained_model .*non-square sample_size"):
+        DiffusionPolicy(str(folder))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
@@ -211,9 +212,33 @@ def cli_options() -> dict[str, Any]:
     }
 
 
+def config_files(args: list[str]) -> list[str]:
+    """The files given with ``--config FILE`` or ``--config=FILE``."""
+    files = [value for flag, value in zip(args, args[1:], strict=False) if flag == "--config"]
+    return files + [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
+
+
+def check_config_syntax(args: list[str]) -> None:
+    """Refuse a ``--config`` file that is not valid YAML with its path and line (the parser names neither the file nor,
+    for some errors, the line of the file)."""
+    for name in config_files(args):
+        path = Path(name)
+        if not path.is_file():
+            continue  # the parser reports it
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error)
+            sys.stderr.write(f"error: --config {name}:{where}: invalid YAML: {problem}\n")
+            sys.exit(2)
+
+
 def main(args: list[str] | None = None) -> GFlowDiffCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     silence_known_messages()
+    check_config_syntax(sys.argv[1:] if args is None else args)
     return GFlowDiffCLI(GFlowDiffModule, PromptDataModule, **cli_options(), args=args)
 
 

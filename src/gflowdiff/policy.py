@@ -146,6 +146,19 @@ def load_scheduler(path: str, kwargs: dict):
     return scheduler
 
 
+def square_sample_size(sample_size: int | list[int] | tuple[int, ...], path: str) -> int:
+    """The UNet's latent side; a non-square ``sample_size`` is refused (gflowdiff samples square latents)."""
+    if isinstance(sample_size, int):
+        return sample_size
+    sides = list(sample_size)
+    if len(sides) != 2 or sides[0] != sides[1]:
+        raise ValueError(
+            f"--model.pretrained_model {path}: unet/config.json has a non-square sample_size {sides}; gflowdiff "
+            "samples square latents (sampler, flow heads), so non-square models are not supported"
+        )
+    return int(sides[0])
+
+
 class DiffusionPolicy(nn.Module):
     """UNet + LoRA, text encoder, tokenizer, optional VAE and the sampler's noise schedule.
 
@@ -177,6 +190,7 @@ class DiffusionPolicy(nn.Module):
         self.tokenizer = tokenizer_class.from_pretrained(path, subfolder="tokenizer", **kwargs)
         self.text_encoder = encoder_class.from_pretrained(path, subfolder="text_encoder", dtype=frozen_dtype, **kwargs)
         self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=frozen_dtype, **kwargs)
+        self.latent_size = square_sample_size(self.unet.config.sample_size, path)
         has_vae = (index.get("vae") or [None])[0] is not None or (os.path.isdir(path) and (Path(path) / "vae").is_dir())
         self.vae = (
             AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=frozen_dtype, **kwargs)
@@ -210,10 +224,6 @@ class DiffusionPolicy(nn.Module):
     @property
     def latent_channels(self) -> int:
         return self.unet.config.in_channels
-
-    @property
-    def latent_size(self) -> int:
-        return self.unet.config.sample_size
 
     @property
     def text_hidden_size(self) -> int:

@@ -24,7 +24,7 @@ class SamplerConfig:
         eta: DDIM η; 1 gives the DDPM posterior variance. Must be > 0: the objectives need a stochastic policy.
         merge_lora: fold the LoRA into the base weights while sampling (faster; the weights are restored exactly).
             ``null`` (auto): only with fp32 frozen weights, where the merged sampler equals the unmerged one up to
-            fp32 rounding; ``true`` also merges bf16/fp16 weights (measured deviation: see the README).
+            fp32 rounding; ``true`` also merges bf16/fp16 weights (measured deviation: docs/performance.md).
     """
 
     num_inference_steps: int = 50
