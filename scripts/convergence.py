@@ -8,9 +8,12 @@ Each run is ``gflowdiff fit`` in its own process with ``--trainer.max_time`` = b
 ``--checkpoint-every`` steps; ``--points`` of them, spread over the run's training time, and the last one are then
 scored on ``--samples`` fresh samples against one
 set of exact target samples (rejection from pretrained samples of independent noise, metrics/target_fidelity.py),
-shared by all runs, with the TV floor of that evaluation. The time axis is the run's own logged step time (rollout +
-update, ``train/step_seconds``) summed up to the checkpoint's step: evaluation, checkpoint writing and start-up are
-not counted. A finished run or evaluation is reused when the command is run again.
+shared by all runs, with the TV floor of that evaluation. The time axis is the run's own logged training time (value
+fit, rollouts and updates) summed up to the checkpoint's step: evaluation, checkpoint writing and start-up are not
+counted. ``--clock cpu`` (the default) measures it as the process's CPU time (``train/step_cpu_seconds``) and stops
+each run when it has used ``--budget`` CPU seconds: at ``--threads 1`` that is the run's wall-clock time on a core of
+its own, whatever else runs on the machine; ``--clock wall`` uses wall-clock time (``--trainer.max_time``).
+A finished run or evaluation is reused when the command is run again.
 Outputs: ``<out>/convergence.json``, ``<out>/convergence.md`` and ``<out>/tv_vs_time.png`` (+ ``tv_vs_trajectories``).
 """
 
@@ -23,11 +26,27 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import yaml
+from lightning.pytorch import Callback
+
+
+class CPUTimeBudget(Callback):
+    """Stops ``fit`` once the process has used ``seconds`` of CPU time since the fit started (value fit included)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.started = seconds, 0.0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.started = time.process_time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if time.process_time() - self.started >= self.seconds:
+            trainer.should_stop = True
 
 
 def run_name(config: str) -> str:
@@ -49,7 +68,7 @@ def train(config: str, seed: int, args: argparse.Namespace) -> Path:
         *[arg for part in config.split("+") for arg in ("--config", part)],
         "--seed_everything", str(seed),
         *([] if decays else ["--trainer.max_steps", "100000"]),
-        "--trainer.max_time", f"00:{args.budget // 3600:02d}:{args.budget // 60 % 60:02d}:{args.budget % 60:02d}",
+        "--trainer.max_time", max_time(args.budget * (3 if args.clock == "cpu" else 1)),
         "--trainer.logger.init_args.save_dir", str(folder.parent),
         "--trainer.logger.init_args.name", folder.name,
         "--trainer.logger.init_args.version", "0",
@@ -60,8 +79,12 @@ def train(config: str, seed: int, args: argparse.Namespace) -> Path:
         "--trainer.callbacks.every_n_train_steps", str(args.checkpoint_every),
         "--trainer.callbacks.save_top_k", "-1",
         "--trainer.callbacks.filename", "curve-{step}",
+        *(["--trainer.callbacks+=convergence.CPUTimeBudget", "--trainer.callbacks.seconds", str(args.budget)]
+          if args.clock == "cpu" else []),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    scripts = str(Path(__file__).resolve().parent)  # CPUTimeBudget's module, for the class_path above
+    python_path = os.pathsep.join(p for p in (scripts, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path}
     print(f"[convergence] train {folder}", flush=True)
     with open(folder / "fit.log", "w") as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
@@ -71,16 +94,22 @@ def train(config: str, seed: int, args: argparse.Namespace) -> Path:
     return folder
 
 
-def step_seconds(version: Path) -> dict[int, float]:
+def max_time(seconds: int) -> str:
+    return f"00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def step_seconds(version: Path, clock: str) -> dict[int, float]:
     """Cumulative logged training seconds after each step (a flow-head warm-up before the first step included)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(version), size_guidance={"scalars": 0})
     events.Reload()
     tags = events.Tags()["scalars"]
-    warmup = sum(s.value for s in events.Scalars("train/warmup_seconds")) if "train/warmup_seconds" in tags else 0.0
+    suffix = "cpu_seconds" if clock == "cpu" else "seconds"
+    warmup_tag = f"train/warmup_{suffix}"
+    warmup = sum(s.value for s in events.Scalars(warmup_tag)) if warmup_tag in tags else 0.0
     total, cumulative = warmup, {0: warmup}
-    for scalar in sorted(events.Scalars("train/step_seconds"), key=lambda s: s.step):
+    for scalar in sorted(events.Scalars(f"train/step_{suffix}"), key=lambda s: s.step):
         total += scalar.value
         cumulative[scalar.step + 1] = total  # logged at global_step = steps done − 1
     return cumulative
@@ -123,11 +152,12 @@ def evaluate(folder: Path, args: argparse.Namespace) -> list[dict]:
     if cache.exists():
         return json.loads(cache.read_text())
     version = folder / "version_0"
-    seconds = step_seconds(version)
+    seconds = step_seconds(version, args.clock)
     saved = {int(p.stem.split("=")[1]): p for p in version.glob("checkpoints/curve-step=*.ckpt")}
     last = version / "checkpoints" / "last.ckpt"
     if last.exists():
         saved[int(torch.load(last, map_location="cpu", weights_only=False)["global_step"])] = last
+    saved = {step: path for step, path in saved.items() if seconds.get(step, math.inf) <= args.budget * 1.02}
     total = max((seconds.get(step, 0.0) for step in saved), default=0.0)
     chosen = []  # at most --points checkpoints, spread over the training time, and the last one
     for k in range(1, args.points + 1):
@@ -184,7 +214,8 @@ def report(curves: dict[str, list[list[dict]]], args: argparse.Namespace) -> Non
         reached = [p["seconds"] for p in points if p["tv"] <= tv]
         return reached[0] if reached else float("nan")
 
-    for axis_key, label, filename in (("seconds", "training seconds", "tv_vs_time.png"),
+    seconds_label = "training seconds (process CPU time)" if args.clock == "cpu" else "training seconds (wall clock)"
+    for axis_key, label, filename in (("seconds", seconds_label, "tv_vs_time.png"),
                                       ("trajectories", "trajectories sampled", "tv_vs_trajectories.png")):  # fmt: skip
         figure, axis = plt.subplots(figsize=(7, 4.5))
         for name, runs in curves.items():
@@ -223,7 +254,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", required=True, help="fit configs; A.yaml+B.yaml composes two")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--budget", type=int, default=300, help="wall-clock seconds of training per run")
+    parser.add_argument("--budget", type=int, default=300, help="seconds of training per run (see --clock)")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                        help="cpu: the run's process CPU time; wall: wall-clock time")  # fmt: skip
     parser.add_argument("--checkpoint-every", type=int, default=5, help="steps between checkpoints")
     parser.add_argument("--points", type=int, default=6, help="checkpoints evaluated per run, spread over its time")
     parser.add_argument("--samples", type=int, default=512, help="fine-tuned samples per checkpoint")

@@ -237,7 +237,7 @@ class GFlowDiffModule(L.LightningModule):
 
     def train_on_prompts(self, prompts: list[str]) -> None:
         """One training step: a rollout on ``prompts``, then the objective's loss and optimizer steps on it."""
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         generator = step_generator(self.seed, self.global_rank, self.rollouts_done)
         rollout = sample_rollout(self.policy, prompts, self.reward, self.sampler, generator)
         self.rollouts_done += 1
@@ -300,6 +300,9 @@ class GFlowDiffModule(L.LightningModule):
         totals["train/transitions"] = float(len(transitions))
         totals["train/rollout_seconds"] = rollout_seconds
         totals["train/step_seconds"] = time.perf_counter() - started
+        # This process's CPU time: the step's cost on its own threads whatever else shares the machine (at one
+        # thread on an idle core, its wall-clock time); scripts/convergence.py's time axis.
+        totals["train/step_cpu_seconds"] = time.process_time() - cpu_started
         totals["train/skipped_steps"] = float(self.skipped_steps)
         if self.device.type == "cuda":
             totals["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -436,13 +439,16 @@ class GFlowDiffModule(L.LightningModule):
         warm_up = getattr(self.objective, "warm_up", None)
         if warm_up is not None and self.global_step == 0 and self.rollouts_done == 0:  # not on resume
             prompts = getattr(self.trainer.datamodule, "train_prompt_list", None)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             metrics = warm_up(self.context(step_generator(self.seed, self.global_rank, -1)), prompts or [""])
             if metrics:
                 seconds = time.perf_counter() - started
                 rank_zero_info(f"flow head warm-up: {metrics} in {seconds:.0f} s")
                 if self.logger is not None:  # part of the training time (scripts/convergence.py adds it)
-                    self.logger.log_metrics({**metrics, "train/warmup_seconds": seconds}, step=0)
+                    cpu_seconds = time.process_time() - cpu_started
+                    self.logger.log_metrics(
+                        {**metrics, "train/warmup_seconds": seconds, "train/warmup_cpu_seconds": cpu_seconds}, step=0
+                    )
         if self.unlogged_step is not None:  # resumed from a checkpoint written before its step's log
             log_unlogged_step(self.trainer, self.unlogged_step)
             self.unlogged_step = None
