@@ -53,9 +53,9 @@ compare: $(STAMP) ## every objective on the digits model (+ residual ∇-DB at �
 
 CONVERGENCE_CONFIGS := $(addprefix configs/digits/,residual_nabla_db.yaml residual_nabla_db_paper.yaml ddpo.yaml \
 	residual_db.yaml db.yaml refl.yaml)
-convergence: $(STAMP) ## TV to the exact target vs training time: 6 digits configs × 3 seeds, 240 s each → runs/convergence/ (≈ 1 h, 2 cores)
-	HF_HUB_OFFLINE=1 $(BIN)/python scripts/convergence.py --configs $(CONVERGENCE_CONFIGS) --seeds 0 1 2 --budget 240 \
-		--checkpoint-every 5 --points 5 --samples 512 --pool 8192 --out runs/convergence --jobs 2 --threads 1
+convergence: $(STAMP) ## TV to the exact target vs training time: 6 digits configs × 3 seeds, 300 CPU-s each → runs/convergence/ (≈ 1 h, 2 cores)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/convergence.py --configs $(CONVERGENCE_CONFIGS) --seeds 0 1 2 --budget 300 \
+		--checkpoint-every 10 --points 6 --samples 512 --pool 8192 --out runs/convergence --jobs 2 --threads 1
 
 gpu-check: ## on a CUDA machine: SD-1.5-size benchmark (both pass structures) + bf16-mixed fit steps → gpu_check/
 	bash scripts/gpu_check.sh gpu_check
