@@ -76,10 +76,33 @@ def main() -> None:
     from gflowdiff.checkpointing import load_trained_module
 
     module = load_trained_module(checkpoints[-1])
-    report_samples(module, checkpoints[-1].name, args.samples, args.target_samples, args.seed)
+    plot = version / "class_histograms.png"
+    report_samples(module, checkpoints[-1].name, args.samples, args.target_samples, args.seed, plot)
 
 
-def report_samples(module, checkpoint_name: str, samples: int, target_samples: int, seed: int) -> None:
+def plot_histograms(histograms: dict[str, list[float]], path: Path) -> None:
+    """Grouped bars: each sampler's share of the ten classes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 3.2))
+    width = 0.8 / len(histograms)
+    for index, (name, histogram) in enumerate(histograms.items()):
+        axis.bar([c + (index - (len(histograms) - 1) / 2) * width for c in range(10)], histogram, width, label=name)
+    axis.set_xticks(range(10))
+    axis.set_xlabel("digit class (embedded classifier)")
+    axis.set_ylabel("share of samples")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def report_samples(
+    module, checkpoint_name: str, samples: int, target_samples: int, seed: int, plot: Path | None = None
+) -> None:
     """Fresh fine-tuned and pretrained samples, and exact samples of the target p^#·exp(β·r) by rejection from
     further pretrained samples (independent noise), drawn until ``target_samples`` are accepted."""
     from gflowdiff.metrics.target_fidelity import target_fidelity
@@ -114,6 +137,10 @@ def report_samples(module, checkpoint_name: str, samples: int, target_samples: i
     shares = " ".join(f"{p:.3f}" for p in result["target_histogram"])
     print(f"  {'target':>10}: reward {result['reward']:.3f}            classes 0-9: {shares}  (β = {beta:g}; {how}, "
           f"{result['samples']:.0f} samples from {len(pool_classes)} pretrained draws)")  # fmt: skip
+    if plot is not None:
+        histograms = {name: histogram for name, _, histogram in rows}
+        plot_histograms({**histograms, "target (exact)": result["target_histogram"]}, plot)
+        print(f"class histograms: {plot}")
     print(f"target TV {result['tv']:.3f} (floor {result['tv_floor']:.3f} ± {result['tv_floor_std']:.3f})")
 
 
