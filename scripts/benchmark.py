@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 
-from gflowdiff.compilation import compile_networks, describe
-from gflowdiff.flow_head import FlowHeadConfig
-from gflowdiff.memory_layout import use_channels_last
-from gflowdiff.module import GFlowDiffModule
+from gflowdiff.diffusion.policy import LoRAConfig
+from gflowdiff.diffusion.sampling import SamplerConfig, sample_rollout
 from gflowdiff.objectives import ResidualNablaDB
-from gflowdiff.policy import LoRAConfig
+from gflowdiff.objectives.flow_head import FlowHeadConfig
 from gflowdiff.rewards import AestheticReward, DigitClassifierReward
-from gflowdiff.sampling import SamplerConfig, sample_rollout
+from gflowdiff.training.compilation import compile_networks, describe
+from gflowdiff.training.memory_layout import use_channels_last
+from gflowdiff.training.module import GFlowDiffModule
 
 CUDA = torch.cuda.is_available()
 

@@ -20,12 +20,12 @@ import argparse
 
 import torch
 
-from gflowdiff.checkpointing import load_trained_module
-from gflowdiff.diffusion_math import ddim_mean, ddim_std, per_sample, predicted_x0
-from gflowdiff.objectives.gradient_db_math import guess_weight
-from gflowdiff.objectives.pathwise_flow import pathwise_flow_scores
-from gflowdiff.sampling import sample_rollout
-from gflowdiff.types import Rollout
+from gflowdiff.diffusion.math import ddim_mean, ddim_std, per_sample, predicted_x0
+from gflowdiff.diffusion.sampling import sample_rollout
+from gflowdiff.diffusion.types import Rollout
+from gflowdiff.objectives.gradient_db.math import guess_weight
+from gflowdiff.objectives.gradient_db.pathwise_flow import pathwise_flow_scores
+from gflowdiff.training.checkpointing import load_trained_module
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,7 @@ def continue_from(module, x: torch.Tensor, step: int, generator: torch.Generator
     """Pretrained trajectories that start at x (before sampler step ``step``): a Rollout over steps step..T−1."""
     policy, sampler = module.policy, module.sampler
     timesteps = policy.inference_timesteps(sampler.num_inference_steps)[step:]
-    from gflowdiff.diffusion_math import previous_timesteps
+    from gflowdiff.diffusion.math import previous_timesteps
 
     prev = previous_timesteps(timesteps, policy.num_train_timesteps, sampler.num_inference_steps)
     prompts = ["a handwritten digit"] * len(x)

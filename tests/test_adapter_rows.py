@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gflowdiff.policy import DiffusionPolicy, LoRAConfig
+from gflowdiff.diffusion.policy import DiffusionPolicy, LoRAConfig
 
 
 def policy_with_live_lora(model: str, tiny_sd_path) -> tuple[DiffusionPolicy, float, int]:

@@ -15,10 +15,8 @@ from torch import Tensor
 
 import gflowdiff.objectives as objectives
 from gflowdiff.cli import main
-from gflowdiff.data import PromptDataModule
-from gflowdiff.diffusion_math import ddim_mean, ddim_std, per_sample
-from gflowdiff.flow_head import FlowHeadConfig
-from gflowdiff.module import GFlowDiffModule
+from gflowdiff.diffusion.math import ddim_mean, ddim_std, per_sample
+from gflowdiff.diffusion.sampling import SamplerConfig, sample_rollout
 from gflowdiff.objectives import DB, DDPO, DRaFT, NablaDB, Objective, ReFL, ResidualDB, ResidualNablaDB
 from gflowdiff.objectives._pathwise import renoise, reward_loss, window_bounds
 from gflowdiff.objectives._scalar_db import (
@@ -27,8 +25,10 @@ from gflowdiff.objectives._scalar_db import (
     reduced_gaussian_log_prob,
 )
 from gflowdiff.objectives.ddpo import PromptStatTracker, per_prompt_advantages, ppo_clip_loss, reduce_log_prob
+from gflowdiff.objectives.flow_head import FlowHeadConfig
 from gflowdiff.rewards import DigitClassifierReward, Reward
-from gflowdiff.sampling import SamplerConfig, sample_rollout
+from gflowdiff.training.data import PromptDataModule
+from gflowdiff.training.module import GFlowDiffModule
 from tests.package_walk import concrete_classes_defined_in
 
 REPO = Path(__file__).resolve().parents[1]
@@ -458,7 +458,7 @@ def test_the_package_walk_sees_a_module_nothing_imports(tmp_path, monkeypatch):
 # ---- helpers --------------------------------------------------------------------------------------------------------
 def fake_rollout(batch_size: int, num_steps: int):
     """A Rollout with random tensors of the right shapes (for index bookkeeping; no model)."""
-    from gflowdiff.types import Rollout
+    from gflowdiff.diffusion.types import Rollout
 
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(batch_size, num_steps + 1, 1, 2, 2, generator=generator)

@@ -69,7 +69,7 @@ def test_unreadable_ckpt_path_gets_gflowdiffs_message(tmp_path, content):
     ],
 )
 def test_bad_values_name_the_option_before_the_model_loads(monkeypatch, args, named):
-    from gflowdiff import policy
+    from gflowdiff.diffusion import policy
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the option was checked")
@@ -80,7 +80,7 @@ def test_bad_values_name_the_option_before_the_model_loads(monkeypatch, args, na
 
 
 def test_unknown_lora_target_module_names_the_option(tiny_sd_path):
-    from gflowdiff.policy import DiffusionPolicy, LoRAConfig
+    from gflowdiff.diffusion.policy import DiffusionPolicy, LoRAConfig
 
     with pytest.raises(ValueError, match="--model.lora.target_modules: 'to_qq' matches no layer of the UNet.*to_q"):
         DiffusionPolicy(str(tiny_sd_path), lora=LoRAConfig(target_modules=["to_q", "to_qq"]))
@@ -100,7 +100,7 @@ def test_a_non_square_unet_is_refused_naming_the_model(tiny_sd_path, tmp_path):
     import json
     import shutil
 
-    from gflowdiff.policy import DiffusionPolicy
+    from gflowdiff.diffusion.policy import DiffusionPolicy
 
     folder = tmp_path / "non_square"
     shutil.copytree(tiny_sd_path, folder)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from gflowdiff.diffusion.sampling import sample_rollout
 from gflowdiff.objectives import ResidualNablaDB
-from gflowdiff.sampling import sample_rollout
 
 COMPILE_ON_CPU = ["--model.compile", "true", "--model.compile_backend", "aot_eager_decomp_partition"]
 
@@ -25,8 +25,8 @@ def fresh_dynamo():
 
 
 def test_compile_option_compiles_in_place_and_keeps_parameter_names(tiny_sd_path):
-    from gflowdiff.module import GFlowDiffModule
     from gflowdiff.rewards import DigitClassifierReward
+    from gflowdiff.training.module import GFlowDiffModule
 
     eager = GFlowDiffModule(ResidualNablaDB(), DigitClassifierReward(), str(tiny_sd_path), log_images_every_n_steps=0)
     module = GFlowDiffModule(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gflowdiff.data import PromptBatches, PromptDataModule
-from gflowdiff.prompts import ANIMALS
+from gflowdiff.training.data import PromptBatches, PromptDataModule
+from gflowdiff.training.prompts import ANIMALS
 
 
 def take(batches: PromptBatches, n: int, prefetch: int = 1) -> list[list[str]]:

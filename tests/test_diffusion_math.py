@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from gflowdiff.diffusion_math import (
+from gflowdiff.diffusion.math import (
     alpha_bar,
     backward_kernel_scores,
     ddim_mean,

@@ -54,11 +54,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from gflowdiff.diffusion_math import alpha_bar, ddim_mean, ddim_std, previous_timesteps
+from gflowdiff.diffusion.math import alpha_bar, ddim_mean, ddim_std, previous_timesteps
+from gflowdiff.diffusion.sampling import SamplerConfig, sample_rollout
 from gflowdiff.objectives import ObjectiveContext, ResidualNablaDB
-from gflowdiff.objectives.gradient_db_math import guess_weight
+from gflowdiff.objectives.gradient_db.math import guess_weight
 from gflowdiff.rewards.base import Reward
-from gflowdiff.sampling import SamplerConfig, sample_rollout
 from gflowdiff.zoo.tiny_sd import sd_scheduler
 
 DIM = 2
@@ -85,7 +85,8 @@ def affine(weight: Tensor, bias: Tensor, x: Tensor) -> Tensor:
 
 
 class GaussianPolicy(nn.Module):
-    """Duck-typed :class:`gflowdiff.policy.DiffusionPolicy` on R²; its "UNet" is the exact noise predictor of N(μ0, Σ0).
+    """Duck-typed :class:`gflowdiff.diffusion.policy.DiffusionPolicy` on R²; its "UNet" is the exact noise predictor of
+    N(μ0, Σ0).
 
     x_t ~ N(√ᾱ_t μ0, C_t), C_t = ᾱ_t Σ0 + (1 − ᾱ_t) I, so ε#(x, t) = −√(1−ᾱ_t)·∇log p_t(x) = √(1−ᾱ_t)·C_t⁻¹(x − √ᾱ_t μ0)
     = P_k x + q_k (tabulated per sampler step). Fine-tuned: ε_θ(x, t_k) = ε#(x, t_k) + W_k x + c_k.

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gflowdiff.diffusion_math import backward_kernel_scores, forward_score, per_sample, reverse_score
-from gflowdiff.objectives.gradient_db_math import guess_weight, mean_square, nabla_db_residuals
+from gflowdiff.diffusion.math import backward_kernel_scores, forward_score, per_sample, reverse_score
+from gflowdiff.objectives.gradient_db.math import guess_weight, mean_square, nabla_db_residuals
 
 DTYPE = torch.float64
 BATCH, SHAPE = 3, (2, 3, 3)
@@ -189,7 +189,7 @@ def test_nabla_db_detects_a_wrong_flow_or_policy():
 
 
 def test_variance_weighting_scales_residuals_by_sigma_squared_and_keeps_the_optimum():
-    from gflowdiff.objectives.gradient_db_math import transition_weight
+    from gflowdiff.objectives.gradient_db.math import transition_weight
 
     std = torch.tensor([0.5, 0.1])
     # σ² per transition: 0.25 and 0.01; "none" is 1.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gflowdiff.images import image_grid
+from gflowdiff.evaluation.images import image_grid
 
 
 def test_grid_shape_with_upscaling():

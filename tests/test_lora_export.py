@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gflowdiff.checkpointing import export_lora
-from gflowdiff.policy import DiffusionPolicy, LoRAConfig
+from gflowdiff.diffusion.policy import DiffusionPolicy, LoRAConfig
+from gflowdiff.training.checkpointing import export_lora
 from tests.test_policy import noise_inputs, perturb_lora
 
 

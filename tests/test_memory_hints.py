@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gflowdiff.cli import main
-from gflowdiff.memory_hints import out_of_memory_message
 from gflowdiff.objectives import ResidualNablaDB
+from gflowdiff.training.memory_hints import out_of_memory_message
 from tests.test_module import tiny_fit_args
 
 

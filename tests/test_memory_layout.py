@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from gflowdiff.checkpointing import export_lora, lora_state_with_unit_scale, trainable_state
-from gflowdiff.memory_layout import use_channels_last
-from gflowdiff.module import GFlowDiffModule
+from gflowdiff.diffusion.policy import LoRAConfig, resolve_pretrained_path
+from gflowdiff.diffusion.sampling import SamplerConfig, sample_rollout
 from gflowdiff.objectives import ResidualNablaDB
-from gflowdiff.policy import LoRAConfig, resolve_pretrained_path
 from gflowdiff.rewards import DigitClassifierReward
-from gflowdiff.sampling import SamplerConfig, sample_rollout
+from gflowdiff.training.checkpointing import export_lora, lora_state_with_unit_scale, trainable_state
+from gflowdiff.training.memory_layout import use_channels_last
+from gflowdiff.training.module import GFlowDiffModule
 from tests.test_pass_structure import PROMPTS, SAMPLER, loss_and_gradients, perturbed_module
 
 

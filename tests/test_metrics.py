@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gflowdiff.metrics import (
+from gflowdiff.evaluation.metrics import (
     PerPromptDiversity,
     PriorFidelity,
     RewardStatistics,
@@ -15,8 +15,8 @@ from gflowdiff.metrics import (
     importance_weighted_histogram,
     total_variation,
 )
-from gflowdiff.metrics.prior_fidelity import frechet_distance, kernel_distance
-from gflowdiff.metrics.target_fidelity import effective_sample_size
+from gflowdiff.evaluation.metrics.prior_fidelity import frechet_distance, kernel_distance
+from gflowdiff.evaluation.metrics.target_fidelity import effective_sample_size
 
 
 def test_reward_statistics_match_torch_over_several_updates():
@@ -115,7 +115,7 @@ def test_target_histogram_and_total_variation_closed_form():
 def test_compare_trains_evaluates_reuses_and_writes_table_and_plots(tmp_path, capsys):
     from pathlib import Path
 
-    from gflowdiff.compare import main
+    from gflowdiff.experiments.compare import main
 
     repo = Path(__file__).resolve().parents[1]
     configs = [str(repo / "configs" / "digits" / name) for name in ("residual_nabla_db_paper.yaml", "refl.yaml")]
@@ -134,7 +134,7 @@ def test_compare_trains_evaluates_reuses_and_writes_table_and_plots(tmp_path, ca
 
 
 def test_compare_rejects_missing_configs_and_bad_overrides(tmp_path):
-    from gflowdiff.compare import main
+    from gflowdiff.experiments.compare import main
 
     with pytest.raises(SystemExit):
         main(["--configs", str(tmp_path / "missing.yaml")])
@@ -145,7 +145,7 @@ def test_compare_rejects_missing_configs_and_bad_overrides(tmp_path):
 def test_compare_composed_config_names_its_run_and_passes_both_configs(tmp_path):
     from pathlib import Path
 
-    from gflowdiff.compare import RunSpec
+    from gflowdiff.experiments.compare import RunSpec
 
     base, override = Path("configs/digits/residual_nabla_db.yaml"), Path("configs/digits/overrides/beta2.yaml")
     spec = RunSpec(Path(f"{base}+{override}"), 1, ("model.objective.init_args.pretrained_strength=0.5",), tmp_path, 7)

@@ -10,12 +10,12 @@ import torch
 import yaml
 
 from gflowdiff.cli import GFlowDiffCLI, cli_options, main
-from gflowdiff.data import PromptDataModule
-from gflowdiff.flow_head import FlowHead, FlowHeadConfig
-from gflowdiff.module import GFlowDiffModule
+from gflowdiff.diffusion.sampling import SamplerConfig, sample_rollout
 from gflowdiff.objectives import ResidualNablaDB
+from gflowdiff.objectives.flow_head import FlowHead, FlowHeadConfig
 from gflowdiff.rewards import DigitClassifierReward
-from gflowdiff.sampling import SamplerConfig, sample_rollout
+from gflowdiff.training.data import PromptDataModule
+from gflowdiff.training.module import GFlowDiffModule
 from tests.conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,7 +246,7 @@ class NaNReward(DigitClassifierReward):
 def nan_reward_fit(tiny_sd_path, tmp_path, check_reward_gradient: bool):
     import lightning as L
 
-    from gflowdiff.data import PromptDataModule
+    from gflowdiff.training.data import PromptDataModule
 
     module = GFlowDiffModule(
         objective=ResidualNablaDB(timestep_fraction=0.5),
@@ -282,7 +282,7 @@ def test_nan_rewards_skip_steps_then_stop_with_a_clear_error(tiny_sd_path, tmp_p
 
 
 def test_chunks_are_split_into_contiguous_optimizer_steps():
-    from gflowdiff.module import split_into_steps
+    from gflowdiff.training.module import split_into_steps
 
     # 7 chunks over 3 steps: sizes 3, 2, 2 in order; more steps than chunks drops the empty ones.
     assert split_into_steps(list("abcdefg"), 3) == [["a", "b", "c"], ["d", "e"], ["f", "g"]]

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gflowdiff.flow_head import FlowHeadConfig
-from gflowdiff.module import GFlowDiffModule
+from gflowdiff.diffusion.sampling import SamplerConfig, sample_rollout
 from gflowdiff.objectives import NablaDB, ResidualNablaDB
-from gflowdiff.objectives.gradient_db_math import shared_state_order
+from gflowdiff.objectives.flow_head import FlowHeadConfig
+from gflowdiff.objectives.gradient_db.math import shared_state_order
 from gflowdiff.rewards import DigitClassifierReward
-from gflowdiff.sampling import SamplerConfig, sample_rollout
+from gflowdiff.training.module import GFlowDiffModule
 
 SAMPLER = SamplerConfig(num_inference_steps=3, guidance_scale=3.0)
 FLOW_HEAD = FlowHeadConfig(block_out_channels=[8, 16], norm_num_groups=4)
@@ -160,7 +160,7 @@ def test_reward_chunk_size_bounds_each_decoder_call(tiny_sd_path, structure):
 
 @pytest.mark.parametrize("model", ["tiny-sd", "digits-conv-lora"])
 def test_merged_lora_sampling_equals_unmerged_and_restores_weights(tiny_sd_path, model):
-    from gflowdiff.policy import DiffusionPolicy, LoRAConfig
+    from gflowdiff.diffusion.policy import DiffusionPolicy, LoRAConfig
 
     if model == "tiny-sd":
         policy = DiffusionPolicy(str(tiny_sd_path))

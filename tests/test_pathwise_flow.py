@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from gflowdiff.objectives.pathwise_flow import pathwise_flow_scores, prior_paths
-from gflowdiff.sampling import sample_rollout
+from gflowdiff.diffusion.sampling import sample_rollout
+from gflowdiff.objectives.gradient_db.pathwise_flow import pathwise_flow_scores, prior_paths
 from tests.test_gaussian_target import (
     BETA,
     DIM,
@@ -89,7 +89,7 @@ def test_importance_weighted_pathwise_targets_give_the_exact_tilted_mean_shift_o
     # Trajectories of a policy that is neither the pretrained one nor the target (a small random correction of ε̂):
     # the weighted least-squares fit of σ_j²·a_{j+1} on x_j must be the exact tilted kernel's mean shift
     # E*[x'] − μ_#(x) = S(μ_#(x)/σ² + h_{j+1}) − μ_#(x), S = (I/σ² + H_{j+1})⁻¹ (pathwise_target_weights' docstring).
-    from gflowdiff.objectives.pathwise_flow import pathwise_target_weights
+    from gflowdiff.objectives.gradient_db.pathwise_flow import pathwise_target_weights
 
     policy, reward = GaussianPolicy(), QuadraticReward(**QUADRATIC)
     with torch.no_grad():

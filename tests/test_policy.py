@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gflowdiff.checkpointing import LORA_WEIGHT_NAME, export_lora
-from gflowdiff.policy import DiffusionPolicy, LoRAConfig
+from gflowdiff.diffusion.policy import DiffusionPolicy, LoRAConfig
+from gflowdiff.training.checkpointing import LORA_WEIGHT_NAME, export_lora
 
 
 def perturb_lora(policy: DiffusionPolicy, scale: float = 0.1) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gflowdiff.diffusion_math import ddim_mean, ddim_std, per_sample, predicted_x0, previous_timesteps
-from gflowdiff.policy import DiffusionPolicy
+from gflowdiff.diffusion.math import ddim_mean, ddim_std, per_sample, predicted_x0, previous_timesteps
+from gflowdiff.diffusion.policy import DiffusionPolicy
 from gflowdiff.zoo.tiny_sd import sd_scheduler
 
 NUM_INFERENCE_STEPS = 4

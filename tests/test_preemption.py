@@ -126,7 +126,7 @@ def test_stopped_run_resumes_exactly(uninterrupted, tmp_path, stop_signal):
 
 
 def test_corrupt_last_checkpoint_fails_clearly_and_the_previous_one_loads(uninterrupted, tmp_path):
-    from gflowdiff.checkpointing import SafeCheckpointIO
+    from gflowdiff.training.checkpointing import SafeCheckpointIO
 
     folder = tmp_path / "checkpoints"
     shutil.copytree(uninterrupted / "checkpoints", folder)

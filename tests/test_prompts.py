@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from gflowdiff.prompts import ANIMALS, BUILTIN_PROMPT_SETS, load_prompts
+from gflowdiff.training.prompts import ANIMALS, BUILTIN_PROMPT_SETS, load_prompts
 from gflowdiff.zoo.digits import GENERIC_PROMPT
 
 OPTION = "--data.train_prompts"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 
-from gflowdiff.quiet import silence_known_messages
+from gflowdiff.training.quiet import silence_known_messages
 
 REPO = Path(__file__).resolve().parents[1]
 KNOWN_NOISE = [

@@ -62,7 +62,7 @@ def test_resumed_run_reproduces_the_uninterrupted_run(tiny_sd_path, tmp_path, mo
 def test_last_resolves_to_the_highest_readable_step(tmp_path):
     """`--ckpt_path last` takes the newest step among all checkpoints (a kill can land between step=N.ckpt and
     last.ckpt), prefers last.ckpt at equal steps, and skips a corrupt file."""
-    from gflowdiff.checkpointing import newest_checkpoint
+    from gflowdiff.training.checkpointing import newest_checkpoint
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()

@@ -778,10 +778,10 @@ def test_weighted_sum_config_with_nested_rewards(tmp_path, capsys):
 def test_tiny_pipeline_fit_runs_with_each_differentiable_reward(name, request, tiny_sd_path, tmp_path):
     import lightning as L
 
-    from gflowdiff.data import PromptDataModule
-    from gflowdiff.module import GFlowDiffModule
+    from gflowdiff.diffusion.sampling import SamplerConfig
     from gflowdiff.objectives import ResidualNablaDB
-    from gflowdiff.sampling import SamplerConfig
+    from gflowdiff.training.data import PromptDataModule
+    from gflowdiff.training.module import GFlowDiffModule
 
     if name == "WeightedSum":
         reward = WeightedSum(

@@ -124,7 +124,7 @@ class ResumeFailed(Exception):
 
 
 def test_a_failed_resume_leaves_the_run_folder_untouched(trained_run, tmp_path, monkeypatch):
-    from gflowdiff.module import GFlowDiffModule
+    from gflowdiff.training.module import GFlowDiffModule
 
     root = copy_run(trained_run, tmp_path)
     monkeypatch.chdir(root)
@@ -162,7 +162,7 @@ def dead_pid() -> int:
 
 
 def test_a_second_live_run_on_the_same_version_folder_is_refused(trained_run, tmp_path, monkeypatch, live_pid):
-    from gflowdiff.run_lock import LOCK_NAME
+    from gflowdiff.training.run_lock import LOCK_NAME
 
     root = copy_run(trained_run, tmp_path)
     monkeypatch.chdir(root)
@@ -175,7 +175,7 @@ def test_a_second_live_run_on_the_same_version_folder_is_refused(trained_run, tm
 
 
 def test_run_lock_takes_over_stale_locks_and_requeued_jobs_only(tmp_path, monkeypatch, live_pid, dead_pid):
-    from gflowdiff.run_lock import RunFolderLocked, acquire, read_holder, release
+    from gflowdiff.training.run_lock import RunFolderLocked, acquire, read_holder, release
 
     lock = tmp_path / "version_0" / "gflowdiff.lock"
     lock_held_by(lock, dead_pid)
@@ -207,7 +207,7 @@ def test_evaluating_without_a_checkpoint_says_it_scores_the_pretrained_model(tmp
 def test_a_model_folder_given_by_another_path_is_the_same_model(tmp_path, monkeypatch):
     from jsonargparse import Namespace
 
-    from gflowdiff.resume import check_checkpoint_settings
+    from gflowdiff.training.resume import check_checkpoint_settings
 
     (tmp_path / "models" / "sd").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gflowdiff.policy import DiffusionPolicy
+from gflowdiff.diffusion.policy import DiffusionPolicy
 
 
 def with_scheduler(tiny_sd_path: Path, root: Path, scheduler) -> Path:

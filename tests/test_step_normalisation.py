@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gflowdiff.cli import main
-from gflowdiff.flow_head import FlowHead
+from gflowdiff.objectives.flow_head import FlowHead
 from tests.test_module import tiny_fit_args
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gflowdiff.subsampling import flatten_steps, num_trained_steps, subsample_steps
+from gflowdiff.diffusion.subsampling import flatten_steps, num_trained_steps, subsample_steps
 
 
 def generator(seed: int = 0) -> torch.Generator:

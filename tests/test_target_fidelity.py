@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from gflowdiff.metrics.target_fidelity import (
+from gflowdiff.evaluation.metrics.target_fidelity import (
     TargetFidelity,
     class_histogram,
     exact_tv_floor,
@@ -114,7 +114,7 @@ def test_each_objective_declares_the_beta_of_its_target():
 
 
 def test_evaluator_reports_target_fidelity_only_for_objectives_with_a_target():
-    from gflowdiff.evaluation import EvaluationConfig, Evaluator
+    from gflowdiff.evaluation.evaluator import EvaluationConfig, Evaluator
     from gflowdiff.rewards import DigitClassifierReward
 
     reward = DigitClassifierReward()
@@ -127,11 +127,11 @@ def test_prior_distances_use_independent_pretrained_noise_and_report_their_floor
     # Issue: FID/KID compared fine-tuned and pretrained samples from the same noise (correlated: KID went negative).
     # With an untrained LoRA the fine-tuned sampler *is* the pretrained one: from the same noise its FID would be 0
     # exactly; from independent noise it is a positive distance of the floor's size.
-    from gflowdiff.evaluation import EvaluationConfig, Evaluator, sample_pair
-    from gflowdiff.module import GFlowDiffModule
+    from gflowdiff.diffusion.sampling import SamplerConfig
+    from gflowdiff.evaluation.evaluator import EvaluationConfig, Evaluator, sample_pair
     from gflowdiff.objectives import ResidualNablaDB
     from gflowdiff.rewards import DigitClassifierReward
-    from gflowdiff.sampling import SamplerConfig
+    from gflowdiff.training.module import GFlowDiffModule
 
     module = GFlowDiffModule(ResidualNablaDB(), DigitClassifierReward(), sampler=SamplerConfig(10, 1.0, 1.0))
     prompts = ["a handwritten digit"] * 96

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gflowdiff.diffusion.sampling import sample_rollout
 from gflowdiff.objectives import ObjectiveContext, ResidualNablaDB
-from gflowdiff.sampling import sample_rollout
-from gflowdiff.value_flow_head import ValueFlowHead, soft_labels, value_fit_loss
+from gflowdiff.objectives.value_flow_head import ValueFlowHead, soft_labels, value_fit_loss
 from tests.test_gaussian_target import BETA, DIM, F64, QUADRATIC, SAMPLER, GaussianPolicy, QuadraticReward
 from tests.test_pathwise_flow import exact_flow_scores
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from gflowdiff.policy import DiffusionPolicy
+from gflowdiff.diffusion.policy import DiffusionPolicy
+from gflowdiff.diffusion.sampling import SamplerConfig, sample_rollout
 from gflowdiff.rewards import DigitClassifierReward
-from gflowdiff.sampling import SamplerConfig, sample_rollout
 from gflowdiff.zoo import digits
 
 

@@ -29,13 +29,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 import gflowdiff.objectives  # noqa: F401  (registers the objective plugins for class_path resolution)
 import gflowdiff.rewards  # noqa: F401  (registers the reward plugins)
-from gflowdiff.checkpointing import SafeCheckpointIO, check_resumable
-from gflowdiff.data import PromptDataModule
-from gflowdiff.module import GFlowDiffModule
-from gflowdiff.preemption import PreemptionCheckpoint
-from gflowdiff.quiet import StepProgressBar, silence_known_messages
-from gflowdiff.resume import check_checkpoint_settings, resolve_last_checkpoint
-from gflowdiff.run_lock import run_folder_lock
+from gflowdiff.training.checkpointing import SafeCheckpointIO, check_resumable
+from gflowdiff.training.data import PromptDataModule
+from gflowdiff.training.module import GFlowDiffModule
+from gflowdiff.training.preemption import PreemptionCheckpoint
+from gflowdiff.training.quiet import StepProgressBar, silence_known_messages
+from gflowdiff.training.resume import check_checkpoint_settings, resolve_last_checkpoint
+from gflowdiff.training.run_lock import run_folder_lock
 
 EVALUATING = ("validate", "test")
 PRETRAINED_NOTICE = (
@@ -167,12 +167,12 @@ class GFlowDiffCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Resolve ``--ckpt_path last`` to the newest readable checkpoint of the run, before anything is built
-        (:func:`gflowdiff.resume.resolve_last_checkpoint`; None, i.e. start fresh, when there is none yet), and check
-        a checkpoint's settings against the user's.
+        (:func:`gflowdiff.training.resume.resolve_last_checkpoint`; None, i.e. start fresh, when there is none yet),
+        and check a checkpoint's settings against the user's.
 
         Replaces Lightning's version, which parses the checkpoint's hyperparameters over the user's ``--config`` and
         command line: here what the user passes wins, and settings that cannot change on resume raise an error
-        (:func:`gflowdiff.resume.check_checkpoint_settings`)."""
+        (:func:`gflowdiff.training.resume.check_checkpoint_settings`)."""
         self.resume_checkpoint = None
         subcommand = self.config.get("subcommand")
         if not subcommand:
@@ -268,7 +268,7 @@ def console_main() -> None:
 
         sample_main(sys.argv[2:])
     elif command == ["compare"]:
-        from gflowdiff.compare import main as compare_main
+        from gflowdiff.experiments.compare import main as compare_main
 
         compare_main(sys.argv[2:])
     elif command == ["predict"]:

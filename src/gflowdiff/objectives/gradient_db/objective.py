@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from gflowdiff.diffusion_math import (
+from gflowdiff.diffusion.math import (
     ddim_mean,
     ddim_std,
     forward_score,
@@ -27,10 +27,12 @@ from gflowdiff.diffusion_math import (
     per_sample,
     predicted_x0,
 )
-from gflowdiff.objectives._reference_passes import reference_structure_residuals
-from gflowdiff.objectives._stacked_passes import stacked_passes
+from gflowdiff.diffusion.sampling import sample_rollout
+from gflowdiff.diffusion.types import ObjectiveOutput, Rollout, Transitions
 from gflowdiff.objectives.base import Objective, ObjectiveContext
-from gflowdiff.objectives.gradient_db_math import (
+from gflowdiff.objectives.gradient_db._reference_passes import reference_structure_residuals
+from gflowdiff.objectives.gradient_db._stacked_passes import stacked_passes
+from gflowdiff.objectives.gradient_db.math import (
     GuessWeighting,
     TransitionWeighting,
     guess_weight,
@@ -38,11 +40,9 @@ from gflowdiff.objectives.gradient_db_math import (
     shared_state_order,
     transition_weight,
 )
-from gflowdiff.objectives.pathwise_flow import pathwise_flow_scores, pathwise_target_weights
+from gflowdiff.objectives.gradient_db.pathwise_flow import pathwise_flow_scores, pathwise_target_weights
+from gflowdiff.objectives.value_flow_head import soft_labels, value_fit_loss
 from gflowdiff.rewards.base import Reward
-from gflowdiff.sampling import sample_rollout
-from gflowdiff.types import ObjectiveOutput, Rollout, Transitions
-from gflowdiff.value_flow_head import soft_labels, value_fit_loss
 
 PassStructure = Literal["fused", "stacked", "reference"]
 
@@ -88,7 +88,7 @@ class GradientDBObjective(Objective):
             pretrained pass at x) batched into one forward and one input-gradient backward, for GPUs that a B-row
             pass leaves idle (more memory); ``reference`` re-creates the reference code's passes (docs/method.md §3.1).
         adjacent_pairs: train steps in adjacent pairs (j, j + 1), see
-            :func:`gflowdiff.subsampling.subsample_adjacent_pairs`, so that the fused structure saves one
+            :func:`gflowdiff.diffusion.subsampling.subsample_adjacent_pairs`, so that the fused structure saves one
             VAE-decoder + reward forward/backward per pair. Each transition's loss is unchanged; which transitions
             are trained together changes.
         detach_flow_in_forward_target: use g_φ(x') in the forward target as a constant, so that g_φ is trained by

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import lightning as L
 import torch
 
-from gflowdiff.prompts import load_prompts
+from gflowdiff.training.prompts import load_prompts
 
 
 def batch_generator(seed: int, rank: int, index: int) -> torch.Generator:

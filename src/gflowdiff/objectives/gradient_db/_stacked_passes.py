@@ -5,8 +5,8 @@ Per transition x → x' the fused structure runs three UNet passes, each a forwa
 (VJP): the pretrained policy at x (the prior's reverse score, residual ∇-DB only), the policy at x (its reverse score
 plus the reward guess at x) and the policy at x' (the forward-looking guess ∇_{x'} r(D(x̂0_θ(x', t−Δ)))). None needs
 another's result, so here they are one UNet call on the stacked rows [x (LoRA off); x; x'] (LoRA off on the first
-rows: :mod:`gflowdiff.adapter_rows`) and one backward that gives all three input gradients. The VAE decoder + reward
-run apart, on detached points, and enter as cotangents ∇_{x̂0} r (the chain rule split in two, as the fused
+rows: :mod:`gflowdiff.diffusion.adapter_rows`) and one backward that gives all three input gradients. The VAE decoder
++ reward run apart, on detached points, and enter as cotangents ∇_{x̂0} r (the chain rule split in two, as the fused
 structure's x' pass does). The parameter backward then runs through the same stacked graph. Same math, same number
 of passes over the rows; what changes is that each pass sees up to 3× the batch, which a GPU that is not saturated
 (SD-1.5 at B = 4) runs in less time than three passes. The price is memory: the whole stack's graph lives until the
@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from gflowdiff.diffusion_math import ddim_mean, gaussian_log_prob, per_sample, predicted_x0
+from gflowdiff.diffusion.math import ddim_mean, gaussian_log_prob, per_sample, predicted_x0
+from gflowdiff.diffusion.types import Transitions
 from gflowdiff.objectives.base import ObjectiveContext
-from gflowdiff.types import Transitions
 
 if TYPE_CHECKING:
-    from gflowdiff.objectives.gradient_db import GradientDBObjective
+    from gflowdiff.objectives.gradient_db.objective import GradientDBObjective
 
 
 @dataclass
@@ -58,7 +58,7 @@ def stacked_passes(
 ) -> StackedPasses:
     """One UNet forward on the stacked rows and one backward for their input gradients (see the module docstring).
 
-    ``source`` (from :func:`gflowdiff.objectives.gradient_db_math.shared_state_order`): the first ``len(source)`` rows'
+    ``source`` (from :func:`gflowdiff.objectives.gradient_db.math.shared_state_order`): the first ``len(source)`` rows'
     x is the x' of rows ``source``, so their reward cotangent at x is the one already computed at that x'.
     """
     policy = ctx.policy

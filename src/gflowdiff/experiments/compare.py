@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         list(pool.map(lambda spec: train(spec, args.threads), specs))
     if args.train_only:
         return
-    from gflowdiff.comparison_report import evaluate_runs, write_report
+    from gflowdiff.experiments.report import evaluate_runs, write_report
 
     results, pretrained = evaluate_runs(specs, args.samples)
     write_report(results, pretrained, args.out, command=" ".join(["gflowdiff compare", *(argv or sys.argv[2:])]))

@@ -11,16 +11,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from gflowdiff.diffusion_math import ddim_mean, forward_score, reverse_score
+from gflowdiff.diffusion.math import ddim_mean, forward_score, reverse_score
+from gflowdiff.diffusion.types import Transitions
 from gflowdiff.objectives.base import ObjectiveContext
-from gflowdiff.objectives.gradient_db import (
+from gflowdiff.objectives.gradient_db.objective import (
     GradientDBObjective,
     GuessWeighting,
     PassStructure,
     TransitionWeighting,
     _Scores,
 )
-from gflowdiff.types import Transitions
 
 
 class ResidualNablaDB(GradientDBObjective):

@@ -65,8 +65,9 @@ class Rollout:
     def subsampled_transitions(
         self, fraction: float, low_variance: bool, generator: torch.Generator, adjacent_pairs: bool = False
     ) -> Transitions:
-        """The transitions of the steps chosen by :func:`gflowdiff.subsampling.subsample_steps` (terminal first)."""
-        from gflowdiff.subsampling import flatten_steps, subsample_steps
+        """The transitions of the steps chosen by :func:`gflowdiff.diffusion.subsampling.subsample_steps` (terminal
+        first)."""
+        from gflowdiff.diffusion.subsampling import flatten_steps, subsample_steps
 
         steps = subsample_steps(self.num_steps, self.batch_size, fraction, low_variance, generator, adjacent_pairs)
         return self.transitions(*flatten_steps(steps))

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gflowdiff.diffusion_math import ddim_mean, ddim_std, gaussian_log_prob, per_sample, previous_timesteps
-from gflowdiff.policy import DiffusionPolicy
+from gflowdiff.diffusion.math import ddim_mean, ddim_std, gaussian_log_prob, per_sample, previous_timesteps
+from gflowdiff.diffusion.policy import DiffusionPolicy
+from gflowdiff.diffusion.types import Rollout
 from gflowdiff.rewards.base import Reward
-from gflowdiff.types import Rollout
 
 
 @dataclass

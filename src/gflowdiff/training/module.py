@@ -22,7 +22,17 @@ from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from gflowdiff.checkpointing import (
+from gflowdiff.diffusion.policy import DiffusionPolicy, LoRAConfig
+from gflowdiff.diffusion.sampling import SamplerConfig, sample_rollout
+from gflowdiff.diffusion.types import Rollout
+from gflowdiff.evaluation.evaluator import EvaluationConfig, Evaluator, sample_pair, side_by_side
+from gflowdiff.evaluation.images import image_grid
+from gflowdiff.objectives.base import Objective, ObjectiveContext
+from gflowdiff.objectives.flow_head import FlowHead, FlowHeadConfig
+from gflowdiff.objectives.value_flow_head import ValueFlowHead
+from gflowdiff.rewards.base import Reward
+from gflowdiff.rewards.self_check import check_reward_gradient
+from gflowdiff.training.checkpointing import (
     TRAINABLE_STATE_KEY,
     export_lora,
     log_unlogged_step,
@@ -30,20 +40,10 @@ from gflowdiff.checkpointing import (
     trainable_state,
     unlogged_step_metrics,
 )
-from gflowdiff.compilation import DEFAULT_BACKEND, CompileScope, check_compile_options, compile_networks
-from gflowdiff.data import DeferredPromptBatch
-from gflowdiff.evaluation import EvaluationConfig, Evaluator, sample_pair, side_by_side
-from gflowdiff.flow_head import FlowHead, FlowHeadConfig
-from gflowdiff.images import image_grid
-from gflowdiff.memory_hints import out_of_memory_message
-from gflowdiff.memory_layout import use_channels_last
-from gflowdiff.objectives.base import Objective, ObjectiveContext
-from gflowdiff.policy import DiffusionPolicy, LoRAConfig
-from gflowdiff.rewards.base import Reward
-from gflowdiff.rewards.self_check import check_reward_gradient
-from gflowdiff.sampling import SamplerConfig, sample_rollout
-from gflowdiff.types import Rollout
-from gflowdiff.value_flow_head import ValueFlowHead
+from gflowdiff.training.compilation import DEFAULT_BACKEND, CompileScope, check_compile_options, compile_networks
+from gflowdiff.training.data import DeferredPromptBatch
+from gflowdiff.training.memory_hints import out_of_memory_message
+from gflowdiff.training.memory_layout import use_channels_last
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

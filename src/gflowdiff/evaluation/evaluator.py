@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gflowdiff.metrics import PerPromptDiversity, PriorFidelity, RewardStatistics, TargetFidelity
-from gflowdiff.metrics.diversity import Distance
-from gflowdiff.metrics.features import FeatureSpace, build_feature_extractor
-from gflowdiff.policy import DiffusionPolicy
+from gflowdiff.diffusion.policy import DiffusionPolicy
+from gflowdiff.diffusion.sampling import SamplerConfig, sample_rollout
+from gflowdiff.diffusion.types import Rollout
+from gflowdiff.evaluation.metrics import PerPromptDiversity, PriorFidelity, RewardStatistics, TargetFidelity
+from gflowdiff.evaluation.metrics.diversity import Distance
+from gflowdiff.evaluation.metrics.features import FeatureSpace, build_feature_extractor
 from gflowdiff.rewards.base import Reward
-from gflowdiff.sampling import SamplerConfig, sample_rollout
-from gflowdiff.types import Rollout
 
 
 @dataclass

@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gflowdiff.diffusion_math import ddim_mean, ddim_std, gaussian_log_prob
-from gflowdiff.policy import DiffusionPolicy
+from gflowdiff.diffusion.math import ddim_mean, ddim_std, gaussian_log_prob
+from gflowdiff.diffusion.policy import DiffusionPolicy
+from gflowdiff.diffusion.sampling import SamplerConfig
+from gflowdiff.diffusion.types import Rollout
 from gflowdiff.rewards.base import Reward
-from gflowdiff.sampling import SamplerConfig
-from gflowdiff.types import Rollout
 
 
 def pretrained_step_vjp(
@@ -121,7 +121,7 @@ def prior_paths(
     argmin_g E_#[R^β·‖g(x_j) − a_j‖²] = E_#[R^β·a_j | x_j] / E_#[R^β | x_j] = ∇_{x_j} log F̃(x_j), because
     ∇F̃(x_j) = E_#[R^β·a_j | x_j] (the module docstring); unweighted, the fit is E_#[a_j | x_j], which is not.
     """
-    from gflowdiff.sampling import sample_rollout
+    from gflowdiff.diffusion.sampling import sample_rollout
 
     with torch.no_grad(), policy.reference():
         rollout = sample_rollout(policy, prompts, reward, sampler, generator)

@@ -21,7 +21,7 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch.utilities import rank_zero_info
 
-from gflowdiff.checkpointing import newest_checkpoint
+from gflowdiff.training.checkpointing import newest_checkpoint
 
 # The model settings a checkpoint's trainable tensors are made for (dotted keys under ``model``).
 FROZEN_SETTINGS = ("pretrained_model", "revision", "objective.class_path", "lora.rank", "lora.alpha",

@@ -11,18 +11,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gflowdiff.evaluation import (
+from gflowdiff.diffusion.types import Rollout
+from gflowdiff.evaluation.evaluator import (
     INDEPENDENT_NOISE_OFFSET,
     EvaluationConfig,
     EvaluationSamples,
     Evaluator,
     sample_pair,
 )
-from gflowdiff.types import Rollout
 
 if TYPE_CHECKING:
-    from gflowdiff.compare import RunSpec
-    from gflowdiff.module import GFlowDiffModule
+    from gflowdiff.experiments.compare import RunSpec
+    from gflowdiff.training.module import GFlowDiffModule
 
 EVALUATION_SEED = 20_251_126  # the same noise for every run's evaluation (and for its pretrained reference)
 PRETRAINED_ROW = "pretrained (no fine-tuning)"
@@ -34,14 +34,14 @@ def load_run(spec: RunSpec) -> tuple[GFlowDiffModule, dict]:
     """A finished run's module (from its last checkpoint) and its saved config."""
     import yaml
 
-    from gflowdiff.checkpointing import load_trained_module
+    from gflowdiff.training.checkpointing import load_trained_module
 
     return load_trained_module(spec.last_checkpoint), yaml.safe_load((spec.version / "config.yaml").read_text())
 
 
 def evaluation_prompts(config: dict, samples: int) -> list[str]:
     """The run's held-out prompts (its data config), cycled to ``samples``."""
-    from gflowdiff.prompts import load_prompts
+    from gflowdiff.training.prompts import load_prompts
 
     data = config.get("data", {}) or {}
     source = data.get("eval_prompts") or data.get("train_prompts") or "digits"
@@ -63,7 +63,7 @@ def evaluate_module(
     """Metrics of ``module``'s fine-tuned sampler against its pretrained one, from independent noise.
     ``pretrained_only`` puts the pretrained sampler with other noise in the fine-tuned place: the floor of every
     prior distance at this sample count, and the pretrained model's own reward and diversity."""
-    from gflowdiff.sampling import sample_rollout
+    from gflowdiff.diffusion.sampling import sample_rollout
 
     evaluator = Evaluator(EvaluationConfig(), module.reward, report_beta(module))
     for start in range(0, len(prompts), batch_size):

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from gflowdiff.diffusion_math import per_sample, predicted_x0, reverse_score
+from gflowdiff.diffusion.math import per_sample, predicted_x0, reverse_score
+from gflowdiff.diffusion.types import Transitions
 from gflowdiff.objectives.base import ObjectiveContext
-from gflowdiff.objectives.gradient_db_math import nabla_db_residuals
-from gflowdiff.types import Transitions
+from gflowdiff.objectives.gradient_db.math import nabla_db_residuals
 
 if TYPE_CHECKING:
-    from gflowdiff.objectives.gradient_db import GradientDBObjective, _PolicyPass, _Scores
+    from gflowdiff.objectives.gradient_db.objective import GradientDBObjective, _PolicyPass, _Scores
 
 
 def reward_gradient(x: Tensor, x0_hat: Tensor, prompts: list[str], ctx: ObjectiveContext) -> Tensor:

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from gflowdiff.adapter_rows import LoraRowMask, all_rows
-from gflowdiff.diffusion_math import alpha_bar, epsilon_from_model_output
+from gflowdiff.diffusion.adapter_rows import LoraRowMask, all_rows
+from gflowdiff.diffusion.math import alpha_bar, epsilon_from_model_output
 
-EMBEDDED_MODELS = {"embedded:digits": "zoo/weights/digits"}
+EMBEDDED_MODELS = {"embedded:digits": "zoo/weights/digits"}  # under the gflowdiff package
 PRETRAINED_OPTION = "--model.pretrained_model"
 SUPPORTED_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # what DDIMScheduler computes ᾱ from
 SUPPORTED_TIMESTEP_SPACINGS = ("leading",)  # diffusion_math.previous_timesteps: t − T // N
@@ -69,7 +69,7 @@ def check_lora_targets(unet: nn.Module, target_modules: list[str]) -> None:
 def resolve_pretrained_path(name: str) -> str:
     """Map ``embedded:<name>`` to the packaged folder; check that a path-like name exists; pass hub ids through."""
     if name in EMBEDDED_MODELS:
-        return str(Path(__file__).parent / EMBEDDED_MODELS[name])
+        return str(Path(__file__).parents[1] / EMBEDDED_MODELS[name])
     if name.startswith("embedded:"):
         raise ValueError(f"{PRETRAINED_OPTION}: unknown embedded model {name!r}; known: {sorted(EMBEDDED_MODELS)}")
     looks_local = name.startswith(("/", "./", "../", "~")) or os.path.isabs(name) or name.count("/") != 1
@@ -303,8 +303,8 @@ class DiffusionPolicy(nn.Module):
         return uncond + guidance_scale * (cond - uncond)
 
     def lora_on_rows(self, rows_on: Tensor | None) -> AbstractContextManager:
-        """The LoRA on the rows where ``rows_on`` is True only (:mod:`gflowdiff.adapter_rows`); nothing to do when
-        every row has it."""
+        """The LoRA on the rows where ``rows_on`` is True only (:mod:`gflowdiff.diffusion.adapter_rows`); nothing to
+        do when every row has it."""
         return nullcontext() if all_rows(rows_on) else self.lora_row_mask.only(rows_on.to(self.unet.device))
 
     @contextmanager

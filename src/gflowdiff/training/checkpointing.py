@@ -15,11 +15,11 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from gflowdiff.types import Rollout
+from gflowdiff.diffusion.types import Rollout
 
 if TYPE_CHECKING:
-    from gflowdiff.module import GFlowDiffModule
-    from gflowdiff.policy import DiffusionPolicy
+    from gflowdiff.diffusion.policy import DiffusionPolicy
+    from gflowdiff.training.module import GFlowDiffModule
 
 TRAINABLE_STATE_KEY = "gflowdiff"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -216,7 +216,7 @@ def load_trained_module(path: str | Path, map_location: str = "cpu") -> GFlowDif
     """
     import warnings
 
-    from gflowdiff.module import GFlowDiffModule
+    from gflowdiff.training.module import GFlowDiffModule
 
     with warnings.catch_warnings():
         warnings.filterwarnings(

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from gflowdiff.diffusion_math import backward_kernel_scores
+from gflowdiff.diffusion.math import backward_kernel_scores
+from gflowdiff.diffusion.types import Transitions
 from gflowdiff.objectives.base import ObjectiveContext
-from gflowdiff.objectives.gradient_db import GradientDBObjective, _Scores
-from gflowdiff.types import Transitions
+from gflowdiff.objectives.gradient_db.objective import GradientDBObjective, _Scores
 
 
 class NablaDB(GradientDBObjective):

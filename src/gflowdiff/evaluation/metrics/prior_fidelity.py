@@ -15,7 +15,7 @@ from torchmetrics.image.fid import _compute_fid
 from torchmetrics.image.kid import poly_mmd
 from torchmetrics.utilities import dim_zero_cat
 
-from gflowdiff.metrics.diversity import prompt_ids
+from gflowdiff.evaluation.metrics.diversity import prompt_ids
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> Tensor:
