@@ -146,7 +146,7 @@ def target_pool(module, args: argparse.Namespace) -> dict[str, torch.Tensor]:
 
 def evaluate(folder: Path, args: argparse.Namespace) -> list[dict]:
     from gflowdiff.evaluation.metrics.target_fidelity import target_fidelity
-    from gflowdiff.training.checkpointing import load_trained_module
+    from gflowdiff.training.loading import load_trained_module
 
     cache = folder / "convergence.json"
     if cache.exists():

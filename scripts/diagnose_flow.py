@@ -25,7 +25,7 @@ from gflowdiff.diffusion.sampling import sample_rollout
 from gflowdiff.diffusion.types import Rollout
 from gflowdiff.objectives.gradient_db.math import guess_weight
 from gflowdiff.objectives.gradient_db.pathwise_flow import pathwise_flow_scores
-from gflowdiff.training.checkpointing import load_trained_module
+from gflowdiff.training.loading import load_trained_module
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:

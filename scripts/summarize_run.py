@@ -73,7 +73,7 @@ def main() -> None:
     if not checkpoints:
         print("no checkpoint found; skipping the sample evaluation")
         return
-    from gflowdiff.training.checkpointing import load_trained_module
+    from gflowdiff.training.loading import load_trained_module
 
     module = load_trained_module(checkpoints[-1])
     report_samples(module, checkpoints[-1].name, args.samples, args.target_samples, args.seed)

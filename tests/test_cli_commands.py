@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from gflowdiff.cli import GFlowDiffCLI, console_main, main, plugin_choices
+from gflowdiff.cli import GFlowDiffCLI, console_main, main
+from gflowdiff.overview import plugin_choices
 from gflowdiff.sample_images import load_policy, parse_args
 from gflowdiff.sample_images import main as sample_main
 from tests.test_run_safety import digits_args, last_checkpoint

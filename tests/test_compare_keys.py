@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gflowdiff.experiments.compare import RunSpec, run_specs
+from gflowdiff.experiments.compare import run_specs
+from gflowdiff.experiments.runs import RunSpec
 
 
 def specs(out: Path, configs: list[Path], steps: int = 2, variants: tuple[str, ...] = ()) -> list[RunSpec]:

@@ -145,7 +145,7 @@ def test_compare_rejects_missing_configs_and_bad_overrides(tmp_path):
 def test_compare_composed_config_names_its_run_and_passes_both_configs(tmp_path):
     from pathlib import Path
 
-    from gflowdiff.experiments.compare import RunSpec
+    from gflowdiff.experiments.runs import RunSpec
 
     base, override = Path("configs/digits/residual_nabla_db.yaml"), Path("configs/digits/overrides/beta2.yaml")
     spec = RunSpec(Path(f"{base}+{override}"), 1, ("model.objective.init_args.pretrained_strength=0.5",), tmp_path, 7)

@@ -11,7 +11,6 @@ Objectives and rewards are chosen by type: ``--model.objective ResidualNablaDB``
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import sys
@@ -29,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 import gflowdiff.objectives  # noqa: F401  (registers the objective plugins for class_path resolution)
 import gflowdiff.rewards  # noqa: F401  (registers the reward plugins)
+from gflowdiff.overview import plugin_choices
 from gflowdiff.training.checkpointing import SafeCheckpointIO, check_resumable
 from gflowdiff.training.data import PromptDataModule
 from gflowdiff.training.module import GFlowDiffModule
@@ -66,21 +66,6 @@ class SaveConfigWhenStarted(SaveConfigCallback):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.save_now(trainer, pl_module)
-
-
-def plugin_choices(kind: str) -> list[str]:
-    """The short names ``--model.<kind>`` resolves: the concrete public classes of gflowdiff.objectives /
-    gflowdiff.rewards."""
-    from gflowdiff.objectives.base import Objective
-    from gflowdiff.rewards.base import Reward
-
-    package, base = (gflowdiff.objectives, Objective) if kind == "objective" else (gflowdiff.rewards, Reward)
-    classes = [getattr(package, name, None) for name in package.__all__]
-    return sorted(
-        c.__name__
-        for c in classes
-        if isinstance(c, type) and issubclass(c, base) and c is not base and not inspect.isabstract(c)
-    )
 
 
 def unknown_plugin_message(message: str) -> str | None:

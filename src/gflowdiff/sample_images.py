@@ -54,7 +54,7 @@ def load_policy(args: argparse.Namespace) -> tuple[DiffusionPolicy, SamplerConfi
     if args.ckpt_path is None:
         print(PRETRAINED_NOTICE.format(model=args.pretrained_model), file=sys.stderr)
         return DiffusionPolicy(args.pretrained_model), SamplerConfig()
-    from gflowdiff.training.checkpointing import load_trained_module
+    from gflowdiff.training.loading import load_trained_module
 
     if not args.ckpt_path.is_file():
         raise FileNotFoundError(f"--ckpt_path: {str(args.ckpt_path)!r} is not a file")

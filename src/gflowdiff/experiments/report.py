@@ -21,7 +21,7 @@ from gflowdiff.evaluation.evaluator import (
 )
 
 if TYPE_CHECKING:
-    from gflowdiff.experiments.compare import RunSpec
+    from gflowdiff.experiments.runs import RunSpec
     from gflowdiff.training.module import GFlowDiffModule
 
 EVALUATION_SEED = 20_251_126  # the same noise for every run's evaluation (and for its pretrained reference)
@@ -34,7 +34,7 @@ def load_run(spec: RunSpec) -> tuple[GFlowDiffModule, dict]:
     """A finished run's module (from its last checkpoint) and its saved config."""
     import yaml
 
-    from gflowdiff.training.checkpointing import load_trained_module
+    from gflowdiff.training.loading import load_trained_module
 
     return load_trained_module(spec.last_checkpoint), yaml.safe_load((spec.version / "config.yaml").read_text())
 

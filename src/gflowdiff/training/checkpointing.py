@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import lightning as L
 import torch
@@ -19,14 +19,29 @@ from gflowdiff.diffusion.types import Rollout
 
 if TYPE_CHECKING:
     from gflowdiff.diffusion.policy import DiffusionPolicy
-    from gflowdiff.training.module import GFlowDiffModule
 
 TRAINABLE_STATE_KEY = "gflowdiff"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ANOTHER_MODEL = "was it made with another --model.objective, --model.lora or --model.flow_head?"
 
 
-def trainable_state(module: GFlowDiffModule) -> dict[str, torch.Tensor]:
+class CheckpointedModule(Protocol):
+    """What a checkpoint reads from and restores into a :class:`gflowdiff.training.module.GFlowDiffModule` (a
+    protocol: the module imports this one, so this one names only what it uses of it)."""
+
+    trainable_names: set[str]
+    rollouts_done: int
+    skipped_steps: int
+    bad_steps_in_a_row: int
+    rollout_buffer: Rollout | None
+    unlogged_step: dict[str, Any] | None
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def configure_optimizers(self) -> torch.optim.Optimizer: ...
+
+
+def trainable_state(module: CheckpointedModule) -> dict[str, torch.Tensor]:
     """Trainable parameters and the objective's buffers (e.g. DDPO's per-prompt statistics), by state-dict key."""
     return {
         key: value
@@ -35,7 +50,7 @@ def trainable_state(module: GFlowDiffModule) -> dict[str, torch.Tensor]:
     }
 
 
-def restore_trainable_state(module: GFlowDiffModule, checkpoint: dict[str, Any]) -> None:
+def restore_trainable_state(module: CheckpointedModule, checkpoint: dict[str, Any]) -> None:
     """Check the checkpoint has every trainable tensor of this model, then restore the run counters and buffer."""
     state = checkpoint.get("state_dict", {})
     missing = sorted(module.trainable_names - set(state))
@@ -51,7 +66,7 @@ def restore_trainable_state(module: GFlowDiffModule, checkpoint: dict[str, Any])
     module.unlogged_step = extra.get("unlogged_step")
 
 
-def check_resumable(module: GFlowDiffModule, checkpoint: dict[str, Any], with_optimizer: bool) -> None:
+def check_resumable(module: CheckpointedModule, checkpoint: dict[str, Any], with_optimizer: bool) -> None:
     """Raise before a run starts when ``checkpoint`` cannot be loaded into ``module``: a missing, extra or reshaped
     trainable tensor, or (``with_optimizer``, for ``fit``) other optimizer parameter groups. Lightning would find
     the optimizer mismatch only after the run folder's logs and hparams were written."""
@@ -206,22 +221,3 @@ def newest_checkpoint(folders: list[Path]) -> Path | None:
             continue
         candidates.append(((step, path.name.startswith("last"), path.stat().st_mtime), path))
     return max(candidates)[1] if candidates else None
-
-
-def load_trained_module(path: str | Path, map_location: str = "cpu") -> GFlowDiffModule:
-    """Rebuild a GFlowDiffModule from a checkpoint: frozen parts from their sources, trainable state from the file.
-
-    The frozen weights are absent from gflowdiff checkpoints by design, so Lightning's "keys missing from the
-    checkpoint" warning is silenced here; a missing *trainable* tensor still raises (:func:`restore_trainable_state`).
-    """
-    import warnings
-
-    from gflowdiff.training.module import GFlowDiffModule
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="Found keys that are in the model state dict but not in the checkpoint"
-        )
-        warnings.filterwarnings("ignore", message="Attribute '(objective|reward)' is an instance of `nn.Module`")
-        module = GFlowDiffModule.load_from_checkpoint(path, map_location=map_location, weights_only=True, strict=False)
-    return module.eval()

@@ -7,8 +7,6 @@ reverse score as a graph of its own.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
@@ -16,9 +14,7 @@ from gflowdiff.diffusion.math import per_sample, predicted_x0, reverse_score
 from gflowdiff.diffusion.types import Transitions
 from gflowdiff.objectives.base import ObjectiveContext
 from gflowdiff.objectives.gradient_db.math import nabla_db_residuals
-
-if TYPE_CHECKING:
-    from gflowdiff.objectives.gradient_db.objective import GradientDBObjective, _PolicyPass, _Scores
+from gflowdiff.objectives.gradient_db.scores import PassOwner, PolicyPass, Scores
 
 
 def reward_gradient(x: Tensor, x0_hat: Tensor, prompts: list[str], ctx: ObjectiveContext) -> Tensor:
@@ -34,7 +30,7 @@ def reward_gradient(x: Tensor, x0_hat: Tensor, prompts: list[str], ctx: Objectiv
 
 
 def flow_score_current(
-    objective: GradientDBObjective, chunk: Transitions, at_x: _PolicyPass, abar_t: Tensor, ctx: ObjectiveContext
+    objective: PassOwner, chunk: Transitions, at_x: PolicyPass, abar_t: Tensor, ctx: ObjectiveContext
 ) -> Tensor:
     """∇_x log F(x) = g_φ(x, t) + β·γ_t·∇_x r(D(x̂0_θ(x, t))), reusing the policy pass ε̂_θ(x, t)."""
     x = at_x.x
@@ -48,14 +44,14 @@ def flow_score_current(
 
 
 def reference_structure_residuals(
-    objective: GradientDBObjective,
+    objective: PassOwner,
     chunk: Transitions,
     ctx: ObjectiveContext,
-    at_x: _PolicyPass,
+    at_x: PolicyPass,
     std: Tensor,
     abar_t: Tensor,
     abar_prev: Tensor,
-    prior: _Scores,
+    prior: Scores,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """The reference's passes (docs/method.md §3.1 steps 6–12): the policy's reverse VJP, a reward-gradient pass at
     x' and another at x, each on its own."""

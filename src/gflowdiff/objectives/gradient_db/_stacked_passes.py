@@ -16,7 +16,6 @@ parameter backward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -24,9 +23,7 @@ from torch import Tensor
 from gflowdiff.diffusion.math import ddim_mean, gaussian_log_prob, per_sample, predicted_x0
 from gflowdiff.diffusion.types import Transitions
 from gflowdiff.objectives.base import ObjectiveContext
-
-if TYPE_CHECKING:
-    from gflowdiff.objectives.gradient_db.objective import GradientDBObjective
+from gflowdiff.objectives.gradient_db.scores import PassOwner
 
 
 @dataclass
@@ -48,7 +45,7 @@ def _rows(group: Tensor, rows: Tensor | None) -> Tensor:
 
 
 def stacked_passes(
-    objective: GradientDBObjective,
+    objective: PassOwner,
     chunk: Transitions,
     ctx: ObjectiveContext,
     std: Tensor,

@@ -10,7 +10,8 @@ from torch import Tensor
 from gflowdiff.diffusion.math import backward_kernel_scores
 from gflowdiff.diffusion.types import Transitions
 from gflowdiff.objectives.base import ObjectiveContext
-from gflowdiff.objectives.gradient_db.objective import GradientDBObjective, _Scores
+from gflowdiff.objectives.gradient_db.objective import GradientDBObjective
+from gflowdiff.objectives.gradient_db.scores import Scores
 
 
 class NablaDB(GradientDBObjective):
@@ -39,6 +40,6 @@ class NablaDB(GradientDBObjective):
 
     def prior_scores(
         self, chunk: Transitions, ctx: ObjectiveContext, std: Tensor, abar_t: Tensor, abar_prev: Tensor
-    ) -> _Scores:
+    ) -> Scores:
         forward, reverse = backward_kernel_scores(chunk.x, chunk.x_next, abar_t, abar_prev)
-        return _Scores(forward=forward, reverse=reverse if self.reverse_loss_scale > 0 else None)
+        return Scores(forward=forward, reverse=reverse if self.reverse_loss_scale > 0 else None)

@@ -13,7 +13,6 @@ parameterised "forward-looking" (docs/method.md §2.4):
 from __future__ import annotations
 
 from abc import abstractmethod
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -41,6 +40,7 @@ from gflowdiff.objectives.gradient_db.math import (
     transition_weight,
 )
 from gflowdiff.objectives.gradient_db.pathwise_flow import pathwise_flow_scores, pathwise_target_weights
+from gflowdiff.objectives.gradient_db.scores import PolicyPass, Scores
 from gflowdiff.objectives.value_flow_head import soft_labels, value_fit_loss
 from gflowdiff.rewards.base import Reward
 
@@ -48,22 +48,6 @@ PassStructure = Literal["fused", "stacked", "reference"]
 
 
 # ---- the objective --------------------------------------------------------------------------------------------------
-@dataclass
-class _Scores:
-    forward: Tensor
-    reverse: Tensor | None
-
-
-@dataclass
-class _PolicyPass:
-    """ε̂_θ(x, t) with LoRA on, x a leaf requiring grad: μ_θ(x) and the forward score ∇_{x'} log P_F(x'|x)."""
-
-    x: Tensor
-    eps: Tensor
-    mean: Tensor
-    forward_score: Tensor
-
-
 class GradientDBObjective(Objective):
     """Base of ∇-DB and residual ∇-DB; subclasses define the prior scores.
 
@@ -349,12 +333,12 @@ class GradientDBObjective(Objective):
     @abstractmethod
     def prior_scores(
         self, chunk: Transitions, ctx: ObjectiveContext, std: Tensor, abar_t: Tensor, abar_prev: Tensor
-    ) -> _Scores:
+    ) -> Scores:
         """Scores of the prior the policy's residual is measured against (reverse is None when w_B = 0)."""
 
     def prior_from_pretrained_pass(
         self, chunk: Transitions, std: Tensor, mean: Tensor, reverse: Tensor | None
-    ) -> _Scores:
+    ) -> Scores:
         """The prior's scores from the pretrained pass μ_#(x) and its reverse score, computed by the stacked passes
         (only where ``stacks_pretrained_pass``)."""
         raise NotImplementedError(f"{type(self).__name__} has no pretrained pass")
@@ -420,7 +404,7 @@ class GradientDBObjective(Objective):
         self,
         chunk: Transitions,
         ctx: ObjectiveContext,
-        at_x: _PolicyPass,
+        at_x: PolicyPass,
         std: Tensor,
         abar_t: Tensor,
         pullback: Tensor | None = None,
@@ -469,14 +453,14 @@ class GradientDBObjective(Objective):
 
     def policy_pass(
         self, chunk: Transitions, ctx: ObjectiveContext, abar_t: Tensor, abar_prev: Tensor, std: Tensor
-    ) -> _PolicyPass:
+    ) -> PolicyPass:
         """ε̂_θ(x, t) with LoRA on; x requires grad for the reverse score and the reward guess at x."""
         x = chunk.x.detach().requires_grad_(True)
         eps = ctx.policy.predict_noise(
             x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, ctx.sampler.guidance_scale
         )
         mean = ddim_mean(x, eps, abar_t, abar_prev, std)
-        return _PolicyPass(x, eps, mean, forward_score(chunk.x_next, mean, std))
+        return PolicyPass(x, eps, mean, forward_score(chunk.x_next, mean, std))
 
     def fused_structure_scores(
         self,
@@ -486,7 +470,7 @@ class GradientDBObjective(Objective):
         abar_t: Tensor,
         abar_prev: Tensor,
         source: Tensor | None,
-    ) -> tuple[_Scores, _PolicyPass, Tensor, Tensor | None]:
+    ) -> tuple[Scores, PolicyPass, Tensor, Tensor | None]:
         """(prior scores, policy pass at x, ∇_{x'} r at the guess point, policy reverse score + reward guess at x).
         The x' pass runs first and is freed, so only one UNet graph and one VAE graph are alive at a time."""
         prior = self.prior_scores(chunk, ctx, std, abar_t, abar_prev)
@@ -506,14 +490,14 @@ class GradientDBObjective(Objective):
         abar_t: Tensor,
         abar_prev: Tensor,
         source: Tensor | None,
-    ) -> tuple[_Scores, _PolicyPass, Tensor, Tensor | None]:
+    ) -> tuple[Scores, PolicyPass, Tensor, Tensor | None]:
         """The same four as :meth:`fused_structure_scores`, from one stacked UNet forward and backward."""
         passes = stacked_passes(self, chunk, ctx, std, abar_t, abar_prev, source)
         if self.stacks_pretrained_pass:
             prior = self.prior_from_pretrained_pass(chunk, std, passes.pretrained_mean, passes.pretrained_reverse)
         else:
             prior = self.prior_scores(chunk, ctx, std, abar_t, abar_prev)
-        at_x = _PolicyPass(
+        at_x = PolicyPass(
             passes.x, passes.policy_eps, passes.policy_mean, forward_score(chunk.x_next, passes.policy_mean, std)
         )
         return prior, at_x, passes.guess_next, passes.reverse_plus_guess

@@ -19,8 +19,8 @@ from gflowdiff.objectives.gradient_db.objective import (
     GuessWeighting,
     PassStructure,
     TransitionWeighting,
-    _Scores,
 )
+from gflowdiff.objectives.gradient_db.scores import Scores
 
 
 class ResidualNablaDB(GradientDBObjective):
@@ -105,7 +105,7 @@ class ResidualNablaDB(GradientDBObjective):
 
     def prior_scores(
         self, chunk: Transitions, ctx: ObjectiveContext, std: Tensor, abar_t: Tensor, abar_prev: Tensor
-    ) -> _Scores:
+    ) -> Scores:
         """ρ·∇ log P_F^#(x'|x) with respect to x' (closed form) and x (a VJP through the frozen UNet).
 
         The reverse score is a constant (no second-order graph). The reference also multiplies the *policy's*
@@ -123,8 +123,8 @@ class ResidualNablaDB(GradientDBObjective):
 
     def prior_from_pretrained_pass(
         self, chunk: Transitions, std: Tensor, mean: Tensor, reverse: Tensor | None
-    ) -> _Scores:
+    ) -> Scores:
         """ρ·(∇_{x'} log P_F^#(x'|x), ∇_x log P_F^#(x'|x)) from μ_#(x) and the unscaled reverse score."""
         rho = self.pretrained_strength
         forward = forward_score(chunk.x_next, mean, std)
-        return _Scores(forward=rho * forward, reverse=None if reverse is None else rho * reverse)
+        return Scores(forward=rho * forward, reverse=None if reverse is None else rho * reverse)
