@@ -3,7 +3,7 @@ samples per second with the LoRA merged and unmerged, and peak memory.
 
 Models (nothing downloaded): ``digits`` (the embedded model), ``tiny-sd`` (a tiny random SD pipeline), ``sd15``
 (SD-1.5's architecture with random weights, bf16, 512×512, CFG 5, 50 steps, a CLIP-L aesthetic reward; for a GPU).
-All pass structures compute the same loss (tests/test_pass_structure.py), so their ratio is the speed-up of
+All pass structures compute the same loss (tests/objectives/test_pass_structure.py), so their ratio is the speed-up of
 gflowdiff's passes over the reference code's (docs/method.md §3.1), measured in one run on one machine. ``pairs`` is the
 fused structure on B/2 pairs of adjacent transitions (``adjacent_pairs: true``), which share a state; ``stacked`` and
 ``stacked_pairs`` batch the three UNet passes of the fused structure into one call (``pass_structure: stacked``).

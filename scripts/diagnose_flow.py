@@ -3,8 +3,8 @@
 For states x_j of the fine-tuned policy's own trajectories, at a few sampler steps j, it prints (norms per state,
 averaged):
 - the exact flow score ∇_x log F̃(x_j), estimated from ``--continuations`` pretrained continuations of each state:
-  the pathwise estimates a_j (objectives/pathwise_flow.py) of the continuations, weighted by R(x_T)^β / Σ R^β (the
-  target's paths from x_j are the pretrained ones reweighted by R^β);
+  the pathwise estimates a_j (objectives/gradient_db/pathwise_flow.py) of the continuations, weighted by R(x_T)^β / Σ
+  R^β (the target's paths from x_j are the pretrained ones reweighted by R^β);
 - the policy's tilt (μ_θ(x_j) − μ_#(x_j))/σ_j², which at the optimum equals the flow score at x_{j+1} (one step on);
 - the learned g_φ(x_j) and the forward-looking guess β·γ_j·∇_x r(D(x̂0_θ(x_j))), the two parts of the flow score the
   objective parameterises (zero where the objective has none);

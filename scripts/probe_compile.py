@@ -1,6 +1,6 @@
 """Quick probe: one UNet (CFG, 2B) and one VAE-decoder forward + input-gradient backward, eager then compiled.
 
-python scripts/probe_compile.py sd15 inductor [whole|blocks]      # the H100 decoder figure in compilation.py
+python scripts/probe_compile.py sd15 inductor [whole|blocks]      # the H100 decoder figure in training/compilation.py
 """
 
 import sys

@@ -42,7 +42,7 @@ PRETRAINED_NOTICE = (
     "gflowdiff {subcommand}: no --ckpt_path given: scoring the PRETRAINED model (its LoRA update is zero at start). "
     "Pass --ckpt_path <run>/checkpoints/last.ckpt (or --ckpt_path last) to score a fine-tuned run."
 )
-LIGHTNING_CKPT_ALIASES = ("best", "hpc", "registry")  # resolved by Lightning itself ("last" is ours: resume.py)
+LIGHTNING_CKPT_ALIASES = ("best", "hpc", "registry")  # Lightning resolves these ("last" is ours: training/resume.py)
 
 
 class SaveConfigWhenStarted(SaveConfigCallback):
@@ -134,8 +134,8 @@ class GFlowDiffCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Defaults every run gets unless the config says otherwise: atomic, weights-only checkpoint IO; a
-        step-boundary preemption checkpoint; a progress bar counting optimizer steps (quiet.py); and, on SLURM,
-        Lightning's environment without its own mid-step auto-requeue handler (preemption.py explains why)."""
+        step-boundary preemption checkpoint; a progress bar counting optimizer steps (training/quiet.py); and, on SLURM,
+        Lightning's environment without its own mid-step auto-requeue handler (training/preemption.py explains why)."""
         plugins = list(config.get("plugins") or [])
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(SafeCheckpointIO())
@@ -174,7 +174,7 @@ class GFlowDiffCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Before the trainer writes anything: the checkpoint fits the built model and its optimizer, and this
-        process takes the run folder's lock (run_lock.py), held until the subcommand ends."""
+        process takes the run folder's lock (training/run_lock.py), held until the subcommand ends."""
         if self.resume_checkpoint is not None:
             check_resumable(self.model, self.resume_checkpoint, with_optimizer=subcommand == "fit")
             self.resume_checkpoint = None
@@ -237,8 +237,8 @@ def console_main() -> None:
     """The ``gflowdiff`` console script (returns nothing: a returned object would become the exit status).
 
     ``gflowdiff`` / ``-h`` / ``--help``: the overview (overview.py); ``objectives`` / ``rewards``: the plugin lists;
-    ``sample``: PNGs of a checkpoint's samples (sample_images.py); ``compare``: the ablation command (compare.py);
-    everything else (fit, validate, test) is LightningCLI's."""
+    ``sample``: PNGs of a checkpoint's samples (sample_images.py); ``compare``: the ablation command
+    (experiments/compare.py); everything else (fit, validate, test) is LightningCLI's."""
     command = sys.argv[1:2]
     if command in ([], ["-h"], ["--help"]):
         from gflowdiff.overview import print_overview

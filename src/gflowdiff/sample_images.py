@@ -3,10 +3,10 @@
     gflowdiff sample --ckpt_path runs/<name>/version_0/checkpoints/last.ckpt --prompts "a cat" "a dog" --seeds 0 1
     gflowdiff sample --pretrained_model embedded:digits --prompts "3" --seeds 0 1 2     # the pretrained model
 
-Each (prompt, seed) is one trajectory of the policy's own sampler (sampling.py, the training sampler: DDIM η, CFG)
-drawn from ``torch.Generator().manual_seed(seed)``, so an image depends on its prompt and seed only: the same seed
-reproduces it, whatever the other prompts. Without ``--ckpt_path`` the pretrained model is sampled (and the command
-says so). Files: ``<out>/<index>_<prompt>_seed<S>.png``.
+Each (prompt, seed) is one trajectory of the policy's own sampler (diffusion/sampling.py, the training sampler: DDIM η,
+CFG) drawn from ``torch.Generator().manual_seed(seed)``, so an image depends on its prompt and seed only: the same seed
+reproduces it, whatever the other prompts. Without ``--ckpt_path`` the pretrained model is sampled (and the command says
+so). Files: ``<out>/<index>_<prompt>_seed<S>.png``.
 """
 
 from __future__ import annotations

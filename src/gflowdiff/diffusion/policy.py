@@ -24,8 +24,8 @@ from gflowdiff.diffusion.math import alpha_bar, epsilon_from_model_output
 EMBEDDED_MODELS = {"embedded:digits": "zoo/weights/digits"}  # under the gflowdiff package
 PRETRAINED_OPTION = "--model.pretrained_model"
 SUPPORTED_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # what DDIMScheduler computes ᾱ from
-SUPPORTED_TIMESTEP_SPACINGS = ("leading",)  # diffusion_math.previous_timesteps: t − T // N
-SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusion_math.epsilon_from_model_output
+SUPPORTED_TIMESTEP_SPACINGS = ("leading",)  # math.previous_timesteps: t − T // N
+SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # math.epsilon_from_model_output
 _ANNOUNCED_SCHEDULERS: set[tuple[str, str]] = set()  # (model path, scheduler class) already named in the log
 
 
@@ -102,7 +102,7 @@ def load_model_index(path: str, revision: str | None) -> dict:
 
 
 def check_scheduler_config(config: dict, source: str) -> None:
-    """Refuse noise schedules that gflowdiff's transition math (diffusion_math.py, sampling.py) does not handle."""
+    """Refuse noise schedules that gflowdiff's transition math (math.py, sampling.py) does not handle."""
     beta_schedule = config.get("beta_schedule", "linear")
     if config.get("trained_betas") is None and beta_schedule not in SUPPORTED_BETA_SCHEDULES:
         raise ValueError(

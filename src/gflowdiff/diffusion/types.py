@@ -26,8 +26,8 @@ class Rollout:
     prompts: list[str]
     images: Tensor  # (B, C_img, H_img, W_img) decoded samples in [0, 1]
     rewards: Tensor  # (B,) log-rewards r(x_T)
-    # (B, T+1, C, H, W) pathwise estimates of ∇ log F̃ at every state (objectives/pathwise_flow.py), if the objective
-    # asks for them
+    # (B, T+1, C, H, W) pathwise estimates of ∇ log F̃ at every state (objectives/gradient_db/pathwise_flow.py), if the
+    # objective asks for them
     flow_targets: Tensor | None = None
     flow_target_weights: Tensor | None = None  # (B, T+1) importance weights of the states' pathwise flow scores
 

@@ -87,7 +87,7 @@ class GFlowDiffModule(L.LightningModule):
             losses or gradients (each one is skipped, counted and logged as ``train/skipped_steps``).
         check_reward_gradient: before training a gradient objective, check on a random image that the reward's
             gradient is finite, non-zero and matches finite differences (catches no_grad/detach/clamp rewards).
-        evaluation: metrics of ``validate``/``test`` and of the validation during ``fit`` (evaluation.py).
+        evaluation: metrics of ``validate``/``test`` and of the validation during ``fit`` (evaluation/evaluator.py).
         compile: ``torch.compile`` the UNet, VAE decoder, flow head and reward networks (compilation.py); same math.
             For GPUs: the first steps and the first rollout compile for several minutes at SD-1.5 size
             (docs/performance.md); on CPU compiling takes far longer. Kernels are cached in

@@ -1,8 +1,8 @@
 """The ``reference`` pass structure: the reference code's passes (docs/method.md §3.1 steps 6–12), each on its own.
 
-gflowdiff keeps it to check the fused and stacked structures against (tests/test_pass_structure.py) and to time them
-against (scripts/benchmark.py), and for ``reverse_loss_trains_policy``, whose second-order backward needs the policy's
-reverse score as a graph of its own.
+gflowdiff keeps it to check the fused and stacked structures against (tests/objectives/test_pass_structure.py) and to
+time them against (scripts/benchmark.py), and for ``reverse_loss_trains_policy``, whose second-order backward needs the
+policy's reverse score as a graph of its own.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ class GradientDBObjective(Objective):
             are trained together changes.
         detach_flow_in_forward_target: use g_φ(x') in the forward target as a constant, so that g_φ is trained by
             the reverse and terminal conditions only (the reference trains it through the forward target too). Same
-            optimum. In the analytic Gaussian test (tests/test_gaussian_target.py) at w_B = 1 it reaches the
+            optimum. In the analytic Gaussian test (tests/objectives/test_gaussian_target.py) at w_B = 1 it reaches the
             fixed-variance floor of the covariance error, where the reference's choice loses ~25 % of a curved
             reward's tilt; its mean converged more slowly there. ``None`` (default): detached whenever something
             else trains g_φ (w_B > 0 or a flow fit), else not (the reference's choice); True needs one of them.
@@ -85,7 +85,7 @@ class GradientDBObjective(Objective):
             most this many images at a time (``None``: all at once). Same gradients; less peak memory at large
             image sizes, where the decoder's graph is the largest one alive.
         pathwise_flow_scale: w_P, weight of a regression of g_φ, at every state x_j (j = 1 … T−1) of each rollout,
-            onto the pathwise flow score a_j (objectives/pathwise_flow.py), importance-weighted by
+            onto the pathwise flow score a_j (gradient_db/pathwise_flow.py), importance-weighted by
             ``pathwise_target_weights`` so that its minimiser is the exact flow score ∇ log F̃(x_j) whatever the
             policy; residuals × σ² as ``transition_weighting`` says. Costs T vector-Jacobian products of the frozen
             UNet per trajectory and one flow-head pass over all states. g_φ is then the whole flow score: needs
@@ -94,8 +94,8 @@ class GradientDBObjective(Objective):
             paper's) or ``pathwise`` (its pathwise estimate a(x'); the policy then regresses onto it directly).
         flow_head_fit: how g_φ is trained: ``detailed_balance`` (the paper: through the ∇-DB residuals, plus the
             pathwise fits above when enabled) or ``value`` (a scalar flow F̃_φ ∈ (0, 1) fitted by regression to its
-            definition E_#[R^β | x_t] on pretrained trajectories before training, value_flow_head.py; the flow
-            score is its log-gradient). ``value`` needs a reward with a known upper bound,
+            definition E_#[R^β | x_t] on pretrained trajectories before training, objectives/value_flow_head.py; the
+            flow score is its log-gradient). ``value`` needs a reward with a known upper bound,
             ``reward_guess_weighting: off`` and ``reverse_loss_scale: 0`` (nothing trainable is left in the reverse
             condition).
         value_warmup_trajectories: with ``flow_head_fit: value``, pretrained trajectories sampled at the start of
@@ -104,7 +104,7 @@ class GradientDBObjective(Objective):
             lr made the fit worse, BCE 0.39 → 0.50 in 20 steps).
         value_warmup_epochs: passes over the warm-up trajectories' states.
         pathwise_weighting: with ``forward_flow_target: pathwise``, weight each transition's residual by
-            R(x_T)^β·Π_{k≥j} P_F^#/P_F^b (objectives/pathwise_flow.py: pathwise_target_weights), which makes the
+            R(x_T)^β·Π_{k≥j} P_F^#/P_F^b (gradient_db/pathwise_flow.py: pathwise_target_weights), which makes the
             minimiser the exact tilted kernel's mean shift at every iteration; False: unweighted (exact only once
             the policy samples the target).
     """
@@ -206,7 +206,7 @@ class GradientDBObjective(Objective):
 
     @property
     def flow_head_kind(self) -> str:
-        """``score`` (g_φ, a vector field: flow_head.py) or ``value`` (F̃_φ, a scalar: value_flow_head.py)."""
+        """``score`` (g_φ, a vector field: objectives/flow_head.py) or ``value`` (F̃_φ, a scalar: value_flow_head.py)."""
         return "value" if self.flow_head_fit == "value" else "score"
 
     def check_compatible(self, reward: Reward) -> None:

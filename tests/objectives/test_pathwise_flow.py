@@ -1,6 +1,6 @@
-"""Pathwise flow scores (objectives/pathwise_flow.py) against the closed forms of the analytic Gaussian problem of
-tests/test_gaussian_target.py: a 2-D Gaussian "pretrained model" run by the real sampler, whose steps are affine,
-x' = M_k x + v_k + σ_k z, and a quadratic log-reward r(x) = wᵀx − ½(x − m)ᵀA(x − m).
+"""Pathwise flow scores (objectives/gradient_db/pathwise_flow.py) against the closed forms of the analytic Gaussian
+problem of tests/objectives/test_gaussian_target.py: a 2-D Gaussian "pretrained model" run by the real sampler, whose
+steps are affine, x' = M_k x + v_k + σ_k z, and a quadratic log-reward r(x) = wᵀx − ½(x − m)ᵀA(x − m).
 
 For this chain the residual flow is Gaussian in closed form: log F̃_k(x) = −½xᵀH_k x + h_kᵀx + const with
 H_T = βA, h_T = β(Am + w) and, integrating one pretrained step, H_k = M_kᵀQ_kM_k,
@@ -14,7 +14,7 @@ import torch
 
 from gflowdiff.diffusion.sampling import sample_rollout
 from gflowdiff.objectives.gradient_db.pathwise_flow import pathwise_flow_scores, prior_paths
-from tests.test_gaussian_target import (
+from tests.objectives.test_gaussian_target import (
     BETA,
     DIM,
     F64,

@@ -13,7 +13,7 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 
 from gflowdiff.training.quiet import silence_known_messages
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KNOWN_NOISE = [
     "litlogger",
     "LeafSpec",

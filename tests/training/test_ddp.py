@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_module import tiny_fit_args
+from tests.training.test_module import tiny_fit_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def fit_two_ranks_and_check(tiny_sd_path, tmp_path, extra_args: list[str]) -> None:
@@ -53,7 +53,7 @@ def test_ddp_ranks_differ_in_samples_and_agree_in_weights(tiny_sd_path, tmp_path
 def test_ddp_with_compiled_networks(tiny_sd_path, tmp_path):
     """The same check with ``--model.compile true``: DDP's gradient hooks and the compiled UNet, VAE decoder and flow
     head (graph capture and AOTAutograd; ``aot_eager_decomp_partition`` skips code generation on CPU), in the fused
-    pass structure (tests/test_compilation.py compiles the stacked one)."""
+    pass structure (tests/training/test_compilation.py compiles the stacked one)."""
     compile_args = ["--model.compile", "true", "--model.compile_backend", "aot_eager_decomp_partition"]
     fit_two_ranks_and_check(
         tiny_sd_path, tmp_path, [*compile_args, "--model.objective.init_args.pass_structure", "fused"]

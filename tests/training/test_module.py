@@ -18,7 +18,7 @@ from gflowdiff.training.data import PromptDataModule
 from gflowdiff.training.module import GFlowDiffModule
 from tests.conftest import SHARED_DATA
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIGITS_CONFIG = REPO / "configs" / "digits" / "residual_nabla_db_paper.yaml"
 
 
@@ -145,7 +145,7 @@ def reward_stand_ins(tmp_path_factory) -> dict[str, list[str] | None]:
     None for the aesthetic reward when the LAION head file (shared data) is absent."""
     from transformers import AutoTokenizer
 
-    from tests import test_rewards as rewards
+    from tests.rewards import test_rewards as rewards
 
     root = tmp_path_factory.mktemp("reward_stand_ins")
     clip = rewards.build_tiny_clip(root / "clip_768", projection_dim=768)
@@ -178,7 +178,7 @@ def user_prompt_file(config_data: dict, root: Path) -> None:
 def test_every_config_builds_its_model_and_data(config, tiny_sd_path, reward_stand_ins, monkeypatch, tmp_path):
     """Each config's classes are instantiated, not only parsed; a model that is not here (SD-1.5 from the hub) is
     replaced by the tiny random SD folder, an SD-scale reward by the same reward class on a tiny random model."""
-    from tests.test_rewards import fake_open_clip_module
+    from tests.rewards.test_rewards import fake_open_clip_module
 
     files = config_files(config)
     model_section = composed_model_section(files)

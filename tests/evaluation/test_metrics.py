@@ -117,7 +117,7 @@ def test_compare_trains_evaluates_reuses_and_writes_table_and_plots(tmp_path, ca
 
     from gflowdiff.experiments.compare import main
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     configs = [str(repo / "configs" / "digits" / name) for name in ("residual_nabla_db_paper.yaml", "refl.yaml")]
     args = ["--configs", *configs, "--seeds", "0", "--steps", "2", "--samples", "24", "--out", str(tmp_path),
             "--threads", "1"]  # fmt: skip

@@ -14,7 +14,7 @@ from gflowdiff.rewards import DigitClassifierReward
 from gflowdiff.training.checkpointing import export_lora, lora_state_with_unit_scale, trainable_state
 from gflowdiff.training.memory_layout import use_channels_last
 from gflowdiff.training.module import GFlowDiffModule
-from tests.test_pass_structure import PROMPTS, SAMPLER, loss_and_gradients, perturbed_module
+from tests.objectives.test_pass_structure import PROMPTS, SAMPLER, loss_and_gradients, perturbed_module
 
 
 def is_channels_last(weight: torch.Tensor) -> bool:

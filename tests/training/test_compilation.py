@@ -47,7 +47,7 @@ def test_compile_option_compiles_in_place_and_keeps_parameter_names(tiny_sd_path
 
 def test_unknown_compile_backend_names_the_option(tiny_sd_path):
     from gflowdiff.cli import main
-    from tests.test_module import tiny_fit_args
+    from tests.training.test_module import tiny_fit_args
 
     args = [*tiny_fit_args(tiny_sd_path, tiny_sd_path.parent / "unused"), "--model.compile", "true"]
     # checked before any loading: a missing model folder is not reached
@@ -60,13 +60,13 @@ def test_unknown_compile_backend_names_the_option(tiny_sd_path):
 def test_fit_with_compile_logs_the_eager_runs_losses_and_metrics(tiny_sd_path, tmp_path):
     """``gflowdiff fit --model.compile true``, residual ∇-DB in adjacent pairs: two optimizer steps (rollouts, the
     stacked passes with the LoRA masked per row, validation, checkpoints) log the eager fused run's losses, rewards and
-    validation metrics. (The compiled fused structure is checked by tests/test_ddp.py's opt-in compiled test.)
+    validation metrics. (The compiled fused structure is checked by tests/training/test_ddp.py's opt-in compiled test.)
 
     Not the weights: compiled kernels reassociate fp32 sums (~1e-5 relative in the loss), and Adam turns the sign of
     a near-zero gradient entry into a full ±lr step, so zero-initialised weights differ by a few % after two steps.
     """
     from gflowdiff.cli import main
-    from tests.test_module import tiny_fit_args
+    from tests.training.test_module import tiny_fit_args
 
     pairs = ["--model.objective.init_args.adjacent_pairs", "true"]
     fused, stacked = (["--model.objective.init_args.pass_structure", name] for name in ("fused", "stacked"))

@@ -31,7 +31,7 @@ from gflowdiff.training.data import PromptDataModule
 from gflowdiff.training.module import GFlowDiffModule
 from tests.package_walk import concrete_classes_defined_in
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_SAMPLER = SamplerConfig(num_inference_steps=4, guidance_scale=2.0)
 TINY_FLOW_HEAD = FlowHeadConfig(block_out_channels=[8, 16], norm_num_groups=4, attention_head_dim=4)
 PROMPTS = ["a cat", "a dog"]

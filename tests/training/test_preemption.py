@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "digits" / "residual_nabla_db_paper.yaml"
 GFLOWDIFF = [sys.executable, "-m", "gflowdiff.cli"]
 MAX_STEPS = 6

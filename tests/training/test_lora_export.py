@@ -7,7 +7,7 @@ import torch
 
 from gflowdiff.diffusion.policy import DiffusionPolicy, LoRAConfig
 from gflowdiff.training.checkpointing import export_lora
-from tests.test_policy import noise_inputs, perturb_lora
+from tests.diffusion.test_policy import noise_inputs, perturb_lora
 
 
 @pytest.mark.parametrize(("rank", "alpha", "targets"), [(4, 32.0, ["to_q", "to_v"]), (8, 2.0, ["to_k", "conv1"])])

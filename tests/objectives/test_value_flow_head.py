@@ -1,5 +1,6 @@
-"""The value-fitted flow head (value_flow_head.py, ``flow_head_fit: value``) against the closed-form residual flow of
-the analytic Gaussian problem (tests/test_gaussian_target.py, tests/test_pathwise_flow.py)."""
+"""The value-fitted flow head (objectives/value_flow_head.py, ``flow_head_fit: value``) against the closed-form residual
+flow of the analytic Gaussian problem (tests/objectives/test_gaussian_target.py,
+tests/objectives/test_pathwise_flow.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import torch
 from gflowdiff.diffusion.sampling import sample_rollout
 from gflowdiff.objectives import ObjectiveContext, ResidualNablaDB
 from gflowdiff.objectives.value_flow_head import ValueFlowHead, soft_labels, value_fit_loss
-from tests.test_gaussian_target import BETA, DIM, F64, QUADRATIC, SAMPLER, GaussianPolicy, QuadraticReward
-from tests.test_pathwise_flow import exact_flow_scores
+from tests.objectives.test_gaussian_target import BETA, DIM, F64, QUADRATIC, SAMPLER, GaussianPolicy, QuadraticReward
+from tests.objectives.test_pathwise_flow import exact_flow_scores
 
 
 def bounded_reward() -> QuadraticReward:
@@ -87,8 +88,8 @@ def test_the_demo_config_with_its_value_head_resumes_exactly(tiny_sd_path, tmp_p
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from gflowdiff.cli import main
-    from tests.test_module import DIGITS_CONFIG
-    from tests.test_resume import KilledAfterCheckpoint, fit_args, trainable
+    from tests.training.test_module import DIGITS_CONFIG
+    from tests.training.test_resume import KilledAfterCheckpoint, fit_args, trainable
 
     demo = str(DIGITS_CONFIG).replace("residual_nabla_db_paper.yaml", "residual_nabla_db.yaml")
     small = ["--model.objective.value_warmup_trajectories", "8", "--model.objective.value_warmup_epochs", "1"]

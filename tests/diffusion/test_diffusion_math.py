@@ -1,4 +1,5 @@
-"""diffusion_math against diffusers' DDIMScheduler (the sampler SD-1.5 uses) and against autograd / torch.distributions.
+"""diffusion/math.py against diffusers' DDIMScheduler (the sampler SD-1.5 uses) and against autograd /
+torch.distributions.
 
 Notation (docs/method.md §1): x is the noisier state at timestep t, x' the cleaner one at t − Δ; ᾱ is
 ``alphas_cumprod``.

@@ -8,7 +8,7 @@ import torch
 
 from gflowdiff.cli import main
 from gflowdiff.objectives.flow_head import FlowHead
-from tests.test_module import tiny_fit_args
+from tests.training.test_module import tiny_fit_args
 
 
 def step_gradients(tiny_sd_path, root, train_batch_size: int, extra: list[str]) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 
 from gflowdiff.cli import console_main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = "configs/digits/residual_nabla_db.yaml"
 # Appended to fit/validate so that each runs in seconds: 2 steps, a small value-head warm-up, small evaluations.
 SHORT = [

@@ -16,7 +16,7 @@ import torch
 
 from gflowdiff.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIGITS_CONFIG = REPO / "configs" / "digits" / "residual_nabla_db_paper.yaml"
 RUN_NAME = "digits_residual_nabla_db_paper"
 

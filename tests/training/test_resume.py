@@ -8,8 +8,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from gflowdiff.cli import main
-from tests.test_module import tiny_fit_args
-from tests.test_preemption import reward_curve
+from tests.training.test_module import tiny_fit_args
+from tests.training.test_preemption import reward_curve
 
 
 class KilledAfterCheckpoint(Exception):

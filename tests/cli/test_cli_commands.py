@@ -15,7 +15,7 @@ from gflowdiff.cli import GFlowDiffCLI, console_main, main
 from gflowdiff.overview import plugin_choices
 from gflowdiff.sample_images import load_policy, parse_args
 from gflowdiff.sample_images import main as sample_main
-from tests.test_run_safety import digits_args, last_checkpoint
+from tests.training.test_run_safety import digits_args, last_checkpoint
 
 
 def run_console(monkeypatch, capsys, *argv: str) -> str:

@@ -8,7 +8,7 @@ import torch
 from gflowdiff.cli import main
 from gflowdiff.objectives import ResidualNablaDB
 from gflowdiff.training.memory_hints import out_of_memory_message
-from tests.test_module import tiny_fit_args
+from tests.training.test_module import tiny_fit_args
 
 
 def test_message_lists_the_same_math_options_first_then_those_that_change_the_run():
