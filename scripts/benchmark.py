@@ -3,7 +3,7 @@ samples per second with the LoRA merged and unmerged, and peak memory.
 
 Models (nothing downloaded): ``digits`` (the embedded model), ``tiny-sd`` (a tiny random SD pipeline), ``sd15``
 (SD-1.5's architecture with random weights, bf16, 512×512, CFG 5, 50 steps, a CLIP-L aesthetic reward; for a GPU).
-All pass structures compute the same loss (tests/test_pass_structure.py), so their ratio is the speed-up of
+All pass structures compute the same loss (tests/objectives/test_pass_structure.py), so their ratio is the speed-up of
 gflowdiff's passes over the reference code's (docs/method.md §3.1), measured in one run on one machine. ``pairs`` is the
 fused structure on B/2 pairs of adjacent transitions (``adjacent_pairs: true``), which share a state; ``stacked`` and
 ``stacked_pairs`` batch the three UNet passes of the fused structure into one call (``pass_structure: stacked``).
@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 
-from gflowdiff.compilation import compile_networks, describe
-from gflowdiff.flow_head import FlowHeadConfig
-from gflowdiff.memory_layout import use_channels_last
-from gflowdiff.module import GFlowDiffModule
+from gflowdiff.diffusion.policy import LoRAConfig
+from gflowdiff.diffusion.sampling import SamplerConfig, sample_rollout
 from gflowdiff.objectives import ResidualNablaDB
-from gflowdiff.policy import LoRAConfig
+from gflowdiff.objectives.flow_head import FlowHeadConfig
 from gflowdiff.rewards import AestheticReward, DigitClassifierReward
-from gflowdiff.sampling import SamplerConfig, sample_rollout
+from gflowdiff.training.compilation import compile_networks, describe
+from gflowdiff.training.memory_layout import use_channels_last
+from gflowdiff.training.module import GFlowDiffModule
 
 CUDA = torch.cuda.is_available()
 

@@ -117,7 +117,7 @@ def step_seconds(version: Path, clock: str) -> dict[int, float]:
 
 @torch.no_grad()
 def classes_of(module, count: int, seed: int, pretrained: bool, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    from gflowdiff.sampling import sample_rollout
+    from gflowdiff.diffusion.sampling import sample_rollout
 
     rewards, classes = [], []
     for start in range(0, count, batch):
@@ -145,8 +145,8 @@ def target_pool(module, args: argparse.Namespace) -> dict[str, torch.Tensor]:
 
 
 def evaluate(folder: Path, args: argparse.Namespace) -> list[dict]:
-    from gflowdiff.checkpointing import load_trained_module
-    from gflowdiff.metrics.target_fidelity import target_fidelity
+    from gflowdiff.evaluation.metrics.target_fidelity import target_fidelity
+    from gflowdiff.training.loading import load_trained_module
 
     cache = folder / "convergence.json"
     if cache.exists():

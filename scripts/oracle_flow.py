@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from gflowdiff.diffusion.types import Rollout
 from gflowdiff.objectives import ResidualNablaDB
 from gflowdiff.objectives.base import ObjectiveContext
-from gflowdiff.objectives.pathwise_flow import terminal_reward_gradient
-from gflowdiff.types import Rollout
+from gflowdiff.objectives.gradient_db.pathwise_flow import terminal_reward_gradient
 
 
 class NoisyOutcomeClassifier(nn.Module):
@@ -49,7 +49,7 @@ class NoisyOutcomeClassifier(nn.Module):
 
 
 def train_classifier(module, trajectories: int, epochs: int, beta: float, seed: int) -> NoisyOutcomeClassifier:
-    from gflowdiff.sampling import sample_rollout
+    from gflowdiff.diffusion.sampling import sample_rollout
 
     generator = torch.Generator().manual_seed(seed)
     states, times, labels = [], [], []
@@ -135,9 +135,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     classifier_path = args.out / "noisy_outcome_classifier.pt"
     if not classifier_path.exists():
-        from gflowdiff.module import GFlowDiffModule
+        from gflowdiff.diffusion.sampling import SamplerConfig
         from gflowdiff.rewards import DigitClassifierReward
-        from gflowdiff.sampling import SamplerConfig
+        from gflowdiff.training.module import GFlowDiffModule
 
         module = GFlowDiffModule(ResidualNablaDB(), DigitClassifierReward(), sampler=SamplerConfig(20, 1.0, 1.0))
         classifier = train_classifier(module, args.trajectories, args.epochs, 1.0, args.seed)

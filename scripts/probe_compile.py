@@ -1,6 +1,6 @@
 """Quick probe: one UNet (CFG, 2B) and one VAE-decoder forward + input-gradient backward, eager then compiled.
 
-python scripts/probe_compile.py sd15 inductor [whole|blocks]      # the H100 decoder figure in compilation.py
+python scripts/probe_compile.py sd15 inductor [whole|blocks]      # the H100 decoder figure in training/compilation.py
 """
 
 import sys
@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import benchmark  # noqa: E402
 
-from gflowdiff.compilation import compile_networks  # noqa: E402
+from gflowdiff.training.compilation import compile_networks  # noqa: E402
 
 model, backend = sys.argv[1], sys.argv[2]
 scope = sys.argv[3] if len(sys.argv) > 3 else "whole"

@@ -38,7 +38,7 @@ def class_histogram(classes: torch.Tensor) -> list[float]:
 
 @torch.no_grad()
 def sample_and_score(module, prompts: list[str], seed: int, pretrained: bool, batch: int = 128):
-    from gflowdiff.sampling import sample_rollout
+    from gflowdiff.diffusion.sampling import sample_rollout
 
     rewards, classes = [], []
     for start in range(0, len(prompts), batch):
@@ -73,7 +73,7 @@ def main() -> None:
     if not checkpoints:
         print("no checkpoint found; skipping the sample evaluation")
         return
-    from gflowdiff.checkpointing import load_trained_module
+    from gflowdiff.training.loading import load_trained_module
 
     module = load_trained_module(checkpoints[-1])
     plot = version / "class_histograms.png"
@@ -105,7 +105,7 @@ def report_samples(
 ) -> None:
     """Fresh fine-tuned and pretrained samples, and exact samples of the target p^#·exp(β·r) by rejection from
     further pretrained samples (independent noise), drawn until ``target_samples`` are accepted."""
-    from gflowdiff.metrics.target_fidelity import target_fidelity
+    from gflowdiff.evaluation.metrics.target_fidelity import target_fidelity
 
     prompts = ["a handwritten digit"] * samples
     beta = module.objective.target_beta

@@ -11,7 +11,6 @@ Objectives and rewards are chosen by type: ``--model.objective ResidualNablaDB``
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import sys
@@ -29,20 +28,21 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 import gflowdiff.objectives  # noqa: F401  (registers the objective plugins for class_path resolution)
 import gflowdiff.rewards  # noqa: F401  (registers the reward plugins)
-from gflowdiff.checkpointing import SafeCheckpointIO, check_resumable
-from gflowdiff.data import PromptDataModule
-from gflowdiff.module import GFlowDiffModule
-from gflowdiff.preemption import PreemptionCheckpoint
-from gflowdiff.quiet import StepProgressBar, silence_known_messages
-from gflowdiff.resume import check_checkpoint_settings, resolve_last_checkpoint
-from gflowdiff.run_lock import run_folder_lock
+from gflowdiff.overview import plugin_choices
+from gflowdiff.training.checkpointing import SafeCheckpointIO, check_resumable
+from gflowdiff.training.data import PromptDataModule
+from gflowdiff.training.module import GFlowDiffModule
+from gflowdiff.training.preemption import PreemptionCheckpoint
+from gflowdiff.training.quiet import StepProgressBar, silence_known_messages
+from gflowdiff.training.resume import check_checkpoint_settings, resolve_last_checkpoint
+from gflowdiff.training.run_lock import run_folder_lock
 
 EVALUATING = ("validate", "test")
 PRETRAINED_NOTICE = (
     "gflowdiff {subcommand}: no --ckpt_path given: scoring the PRETRAINED model (its LoRA update is zero at start). "
     "Pass --ckpt_path <run>/checkpoints/last.ckpt (or --ckpt_path last) to score a fine-tuned run."
 )
-LIGHTNING_CKPT_ALIASES = ("best", "hpc", "registry")  # resolved by Lightning itself ("last" is ours: resume.py)
+LIGHTNING_CKPT_ALIASES = ("best", "hpc", "registry")  # Lightning resolves these ("last" is ours: training/resume.py)
 
 
 class SaveConfigWhenStarted(SaveConfigCallback):
@@ -66,21 +66,6 @@ class SaveConfigWhenStarted(SaveConfigCallback):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.save_now(trainer, pl_module)
-
-
-def plugin_choices(kind: str) -> list[str]:
-    """The short names ``--model.<kind>`` resolves: the concrete public classes of gflowdiff.objectives /
-    gflowdiff.rewards."""
-    from gflowdiff.objectives.base import Objective
-    from gflowdiff.rewards.base import Reward
-
-    package, base = (gflowdiff.objectives, Objective) if kind == "objective" else (gflowdiff.rewards, Reward)
-    classes = [getattr(package, name, None) for name in package.__all__]
-    return sorted(
-        c.__name__
-        for c in classes
-        if isinstance(c, type) and issubclass(c, base) and c is not base and not inspect.isabstract(c)
-    )
 
 
 def unknown_plugin_message(message: str) -> str | None:
@@ -149,8 +134,8 @@ class GFlowDiffCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Defaults every run gets unless the config says otherwise: atomic, weights-only checkpoint IO; a
-        step-boundary preemption checkpoint; a progress bar counting optimizer steps (quiet.py); and, on SLURM,
-        Lightning's environment without its own mid-step auto-requeue handler (preemption.py explains why)."""
+        step-boundary preemption checkpoint; a progress bar counting optimizer steps (training/quiet.py); and, on SLURM,
+        Lightning's environment without its own mid-step auto-requeue handler (training/preemption.py explains why)."""
         plugins = list(config.get("plugins") or [])
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(SafeCheckpointIO())
@@ -167,12 +152,12 @@ class GFlowDiffCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Resolve ``--ckpt_path last`` to the newest readable checkpoint of the run, before anything is built
-        (:func:`gflowdiff.resume.resolve_last_checkpoint`; None, i.e. start fresh, when there is none yet), and check
-        a checkpoint's settings against the user's.
+        (:func:`gflowdiff.training.resume.resolve_last_checkpoint`; None, i.e. start fresh, when there is none yet),
+        and check a checkpoint's settings against the user's.
 
         Replaces Lightning's version, which parses the checkpoint's hyperparameters over the user's ``--config`` and
         command line: here what the user passes wins, and settings that cannot change on resume raise an error
-        (:func:`gflowdiff.resume.check_checkpoint_settings`)."""
+        (:func:`gflowdiff.training.resume.check_checkpoint_settings`)."""
         self.resume_checkpoint = None
         subcommand = self.config.get("subcommand")
         if not subcommand:
@@ -189,7 +174,7 @@ class GFlowDiffCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Before the trainer writes anything: the checkpoint fits the built model and its optimizer, and this
-        process takes the run folder's lock (run_lock.py), held until the subcommand ends."""
+        process takes the run folder's lock (training/run_lock.py), held until the subcommand ends."""
         if self.resume_checkpoint is not None:
             check_resumable(self.model, self.resume_checkpoint, with_optimizer=subcommand == "fit")
             self.resume_checkpoint = None
@@ -252,8 +237,8 @@ def console_main() -> None:
     """The ``gflowdiff`` console script (returns nothing: a returned object would become the exit status).
 
     ``gflowdiff`` / ``-h`` / ``--help``: the overview (overview.py); ``objectives`` / ``rewards``: the plugin lists;
-    ``sample``: PNGs of a checkpoint's samples (sample_images.py); ``compare``: the ablation command (compare.py);
-    everything else (fit, validate, test) is LightningCLI's."""
+    ``sample``: PNGs of a checkpoint's samples (sample_images.py); ``compare``: the ablation command
+    (experiments/compare.py); everything else (fit, validate, test) is LightningCLI's."""
     command = sys.argv[1:2]
     if command in ([], ["-h"], ["--help"]):
         from gflowdiff.overview import print_overview
@@ -268,7 +253,7 @@ def console_main() -> None:
 
         sample_main(sys.argv[2:])
     elif command == ["compare"]:
-        from gflowdiff.compare import main as compare_main
+        from gflowdiff.experiments.compare import main as compare_main
 
         compare_main(sys.argv[2:])
     elif command == ["predict"]:

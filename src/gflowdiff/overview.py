@@ -1,6 +1,7 @@
 """``gflowdiff``, ``gflowdiff --help``: a one-screen overview (``fit --help`` lists Lightning's ~360 Trainer options
 before the first gflowdiff one), and ``gflowdiff objectives`` / ``gflowdiff rewards``: the classes
-``--model.objective`` / ``--model.reward`` take, each with the first line of its docstring."""
+``--model.objective`` / ``--model.reward`` take, each with the first line of its docstring (:func:`plugin_choices`:
+their short names, which cli.py also lists when a name is unknown)."""
 
 from __future__ import annotations
 
@@ -52,11 +53,27 @@ def summary_line(cls: type) -> str:
     return re.split(r"(?<=\.)\s", paragraph, maxsplit=1)[0]
 
 
+def plugin_choices(kind: str) -> list[str]:
+    """The short names ``--model.<kind>`` resolves: the concrete public classes of gflowdiff.objectives /
+    gflowdiff.rewards."""
+    import gflowdiff.objectives
+    import gflowdiff.rewards
+    from gflowdiff.objectives.base import Objective
+    from gflowdiff.rewards.base import Reward
+
+    package, base = (gflowdiff.objectives, Objective) if kind == "objective" else (gflowdiff.rewards, Reward)
+    classes = [getattr(package, name, None) for name in package.__all__]
+    return sorted(
+        c.__name__
+        for c in classes
+        if isinstance(c, type) and issubclass(c, base) and c is not base and not inspect.isabstract(c)
+    )
+
+
 def plugin_lines(kind: str) -> list[str]:
     """``NAME  first docstring line`` for every class ``--model.<kind>`` resolves by its short name."""
     import gflowdiff.objectives
     import gflowdiff.rewards
-    from gflowdiff.cli import plugin_choices
 
     package = gflowdiff.objectives if kind == "objective" else gflowdiff.rewards
     names = plugin_choices(kind)

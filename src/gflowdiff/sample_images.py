@@ -3,10 +3,10 @@
     gflowdiff sample --ckpt_path runs/<name>/version_0/checkpoints/last.ckpt --prompts "a cat" "a dog" --seeds 0 1
     gflowdiff sample --pretrained_model embedded:digits --prompts "3" --seeds 0 1 2     # the pretrained model
 
-Each (prompt, seed) is one trajectory of the policy's own sampler (sampling.py, the training sampler: DDIM η, CFG)
-drawn from ``torch.Generator().manual_seed(seed)``, so an image depends on its prompt and seed only: the same seed
-reproduces it, whatever the other prompts. Without ``--ckpt_path`` the pretrained model is sampled (and the command
-says so). Files: ``<out>/<index>_<prompt>_seed<S>.png``.
+Each (prompt, seed) is one trajectory of the policy's own sampler (diffusion/sampling.py, the training sampler: DDIM η,
+CFG) drawn from ``torch.Generator().manual_seed(seed)``, so an image depends on its prompt and seed only: the same seed
+reproduces it, whatever the other prompts. Without ``--ckpt_path`` the pretrained model is sampled (and the command says
+so). Files: ``<out>/<index>_<prompt>_seed<S>.png``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from gflowdiff.policy import DiffusionPolicy
-from gflowdiff.sampling import SamplerConfig, sample_rollout
+from gflowdiff.diffusion.policy import DiffusionPolicy
+from gflowdiff.diffusion.sampling import SamplerConfig, sample_rollout
 
 PRETRAINED_NOTICE = (
     "gflowdiff sample: no --ckpt_path given: sampling the PRETRAINED model {model!r}. "
@@ -54,7 +54,7 @@ def load_policy(args: argparse.Namespace) -> tuple[DiffusionPolicy, SamplerConfi
     if args.ckpt_path is None:
         print(PRETRAINED_NOTICE.format(model=args.pretrained_model), file=sys.stderr)
         return DiffusionPolicy(args.pretrained_model), SamplerConfig()
-    from gflowdiff.checkpointing import load_trained_module
+    from gflowdiff.training.loading import load_trained_module
 
     if not args.ckpt_path.is_file():
         raise FileNotFoundError(f"--ckpt_path: {str(args.ckpt_path)!r} is not a file")

@@ -10,11 +10,11 @@ from gflowdiff.objectives.base import Objective, ObjectiveContext
 from gflowdiff.objectives.db import DB
 from gflowdiff.objectives.ddpo import DDPO
 from gflowdiff.objectives.draft import DRaFT
-from gflowdiff.objectives.gradient_db import GradientDBObjective
-from gflowdiff.objectives.nabla_db import NablaDB
+from gflowdiff.objectives.gradient_db.nabla_db import NablaDB
+from gflowdiff.objectives.gradient_db.objective import GradientDBObjective
+from gflowdiff.objectives.gradient_db.residual_nabla_db import ResidualNablaDB
 from gflowdiff.objectives.refl import ReFL
 from gflowdiff.objectives.residual_db import ResidualDB
-from gflowdiff.objectives.residual_nabla_db import ResidualNablaDB
 
 __all__ = [
     "DB",

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from gflowdiff.diffusion_math import ddim_mean, ddim_std, per_sample, previous_timesteps
+from gflowdiff.diffusion.math import ddim_mean, ddim_std, per_sample, previous_timesteps
 from gflowdiff.objectives.base import ObjectiveContext
 
 

@@ -27,9 +27,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from gflowdiff.diffusion_math import ddim_mean, ddim_std, gaussian_log_prob, per_sample, predicted_x0
+from gflowdiff.diffusion.math import ddim_mean, ddim_std, gaussian_log_prob, per_sample, predicted_x0
+from gflowdiff.diffusion.types import ObjectiveOutput, Rollout, Transitions
 from gflowdiff.objectives.base import Objective, ObjectiveContext
-from gflowdiff.types import ObjectiveOutput, Rollout, Transitions
 
 LogProbReduction = Literal["mean", "sum"]
 

@@ -9,11 +9,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from gflowdiff.flow_head import FlowHead
-from gflowdiff.policy import DiffusionPolicy
+from gflowdiff.diffusion.policy import DiffusionPolicy
+from gflowdiff.diffusion.sampling import SamplerConfig
+from gflowdiff.diffusion.types import ObjectiveOutput, Rollout, Transitions
+from gflowdiff.objectives.flow_head import FlowHead
 from gflowdiff.rewards.base import Reward
-from gflowdiff.sampling import SamplerConfig
-from gflowdiff.types import ObjectiveOutput, Rollout, Transitions
 
 
 @dataclass

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from gflowdiff.diffusion.types import Transitions
 from gflowdiff.objectives._scalar_db import ScalarDBObjective, backward_log_prob
 from gflowdiff.objectives.base import ObjectiveContext
-from gflowdiff.types import Transitions
 
 
 class DB(ScalarDBObjective):

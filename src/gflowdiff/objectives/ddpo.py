@@ -14,9 +14,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from gflowdiff.diffusion_math import ddim_mean, ddim_std, gaussian_log_prob
+from gflowdiff.diffusion.math import ddim_mean, ddim_std, gaussian_log_prob
+from gflowdiff.diffusion.types import ObjectiveOutput, Rollout, Transitions
 from gflowdiff.objectives.base import Objective, ObjectiveContext
-from gflowdiff.types import ObjectiveOutput, Rollout, Transitions
 
 LogProbReduction = Literal["mean", "sum"]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gflowdiff.diffusion.types import ObjectiveOutput, Rollout, Transitions
 from gflowdiff.objectives._pathwise import (
     draw_noise,
     policy_step,
@@ -20,7 +21,6 @@ from gflowdiff.objectives._pathwise import (
     sampler_schedule,
 )
 from gflowdiff.objectives.base import Objective, ObjectiveContext
-from gflowdiff.types import ObjectiveOutput, Rollout, Transitions
 
 
 def first_gradient_step(num_steps: int, backprop_steps: int) -> int:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gflowdiff.diffusion_math import predicted_x0
+from gflowdiff.diffusion.math import predicted_x0
+from gflowdiff.diffusion.types import ObjectiveOutput, Rollout, Transitions
 from gflowdiff.objectives._pathwise import reward_loss, sample_between, sampler_schedule, window_bounds
 from gflowdiff.objectives.base import Objective, ObjectiveContext
-from gflowdiff.types import ObjectiveOutput, Rollout, Transitions
 
 
 def draw_window_steps(

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gflowdiff.diffusion_math import ddim_mean
+from gflowdiff.diffusion.math import ddim_mean
+from gflowdiff.diffusion.types import Transitions
 from gflowdiff.objectives._scalar_db import ScalarDBObjective, reduced_gaussian_log_prob
 from gflowdiff.objectives.base import ObjectiveContext
-from gflowdiff.types import Transitions
 
 
 class ResidualDB(ScalarDBObjective):

@@ -1,9 +1,9 @@
 """The embedded default model: a tiny text-conditioned pixel-space diffusion model of scikit-learn's digits.
 
 It is saved in the same diffusers folder layout as Stable Diffusion (``unet/``, ``scheduler/``, ``text_encoder/``,
-``tokenizer/``, ``model_index.json``) and loaded by the same code path (:mod:`gflowdiff.policy`). Being pixel-space, it
-has no VAE (``model_index.json`` says ``"vae": [null, null]``). A small digit classifier, trained here too, is the
-differentiable reward for it (:class:`gflowdiff.rewards.DigitClassifierReward`).
+``tokenizer/``, ``model_index.json``) and loaded by the same code path (:mod:`gflowdiff.diffusion.policy`). Being
+pixel-space, it has no VAE (``model_index.json`` says ``"vae": [null, null]``). A small digit classifier, trained here
+too, is the differentiable reward for it (:class:`gflowdiff.rewards.DigitClassifierReward`).
 
 Re-create the shipped weights with ``python -m gflowdiff.zoo.digits`` (``make digits-model``).
 """
