@@ -371,7 +371,8 @@ class GFlowDiffModule(L.LightningModule):
         return self.evaluator
 
     def evaluation_step(self, prompts: list[str], batch_idx: int, stage: str) -> None:
-        # The same noise at every evaluation, and for the pretrained and fine-tuned samples of a batch.
+        # The same noise at every evaluation; the pretrained sets the metrics compare against use independent noise
+        # (seed offsets, evaluation/evaluator.py), the same noise only for the side-by-side grids.
         seed = int(step_generator(self.seed + 1, self.global_rank, batch_idx).initial_seed())
         grids = batch_idx == 0 and self.global_rank == 0 and self.evaluation.grid_prompts > 0
         samples = sample_pair(
