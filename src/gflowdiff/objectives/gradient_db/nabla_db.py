@@ -26,12 +26,10 @@ class NablaDB(GradientDBObjective):
         trust_region_scale: λ, UNet L2 trust region against the behaviour model's stored outputs.
         use_flow_head: learn g_φ; False trusts the forward-looking reward guess alone.
         reward_guess_weighting: γ_t of the forward-looking reward guess.
-        reverse_loss_trains_policy: second-order backward of the reverse residual into the policy.
         transition_weighting: ``none`` (reference) or ``variance`` (residuals × σ_t², same optimum).
         timestep_fraction: fraction of the T steps trained per trajectory.
         low_variance_subsampling: stratify the trained steps over contiguous chunks.
-        pass_structure: ``fused`` (default), ``stacked`` (one UNet call; faster, more memory) or ``reference``
-            (the reference code's passes); same loss.
+        pass_structure: ``fused`` (default) or ``stacked`` (one UNet call; faster, more memory); the same loss.
         adjacent_pairs: train steps in adjacent pairs, which the fused structure computes with fewer passes.
         detach_flow_in_forward_target: train g_φ by the reverse and terminal conditions only (same optimum);
             ``None``: whenever w_B > 0 or a flow fit trains it (the analytic Gaussian test's floor).

@@ -29,13 +29,13 @@ from gflowdiff.diffusion.math import (
 from gflowdiff.diffusion.sampling import sample_rollout
 from gflowdiff.diffusion.types import ObjectiveOutput, Rollout, Transitions
 from gflowdiff.objectives.base import Objective, ObjectiveContext
-from gflowdiff.objectives.gradient_db._reference_passes import reference_structure_residuals
 from gflowdiff.objectives.gradient_db._stacked_passes import stacked_passes
 from gflowdiff.objectives.gradient_db.math import (
     GuessWeighting,
     TransitionWeighting,
     guess_weight,
     mean_square,
+    nabla_db_residuals,
     shared_state_order,
     transition_weight,
 )
@@ -44,7 +44,7 @@ from gflowdiff.objectives.gradient_db.scores import PolicyPass, Scores
 from gflowdiff.objectives.value_flow_head import soft_labels, value_fit_loss
 from gflowdiff.rewards.base import Reward
 
-PassStructure = Literal["fused", "stacked", "reference"]
+PassStructure = Literal["fused", "stacked"]
 
 
 # ---- the objective --------------------------------------------------------------------------------------------------
@@ -59,8 +59,6 @@ class GradientDBObjective(Objective):
         use_flow_head: learn the correction g_φ; False trusts the forward-looking reward guess alone (the
             reference's ``no_flow``: also sets the reverse weight to 0).
         reward_guess_weighting: γ_t of the forward-looking guess; ``off`` leaves the flow score to g_φ alone.
-        reverse_loss_trains_policy: also backpropagate the reverse residual into the policy (second-order autograd
-            through the UNet, much more expensive). The reference uses the reverse term only to train g_φ.
         transition_weighting: ``none`` (the reference) or ``variance``: scale each transition's residuals by σ_t²
             so that early, high-noise transitions are not drowned by the last ones (same optimum).
         timestep_fraction: fraction of the T steps trained per trajectory (K = int(T·fraction) + 1 with the terminal).
@@ -70,7 +68,8 @@ class GradientDBObjective(Objective):
             graph alive at a time), and where a batch holds two transitions that meet at one state it runs the
             VAE decoder and reward there once; ``stacked`` computes the same with the UNet passes at x and x' (and the
             pretrained pass at x) batched into one forward and one input-gradient backward, for GPUs that a B-row
-            pass leaves idle (more memory); ``reference`` re-creates the reference code's passes (docs/method.md §3.1).
+            pass leaves idle (more memory). Both are checked against the reference code's passes, one at a time
+            (docs/method.md §3.1), kept as a test oracle (tests/objectives/reference_structure.py).
         adjacent_pairs: train steps in adjacent pairs (j, j + 1), see
             :func:`gflowdiff.diffusion.subsampling.subsample_adjacent_pairs`, so that the fused structure saves one
             VAE-decoder + reward forward/backward per pair. Each transition's loss is unchanged; which transitions
@@ -119,7 +118,6 @@ class GradientDBObjective(Objective):
         trust_region_scale: float = 0.0,
         use_flow_head: bool = True,
         reward_guess_weighting: GuessWeighting = "alpha_bar",
-        reverse_loss_trains_policy: bool = False,
         transition_weighting: TransitionWeighting = "none",
         timestep_fraction: float = 0.1,
         low_variance_subsampling: bool = True,
@@ -135,10 +133,8 @@ class GradientDBObjective(Objective):
         value_warmup_epochs: int = 6,
     ):
         super().__init__()
-        if pass_structure not in ("fused", "stacked", "reference"):
-            raise ValueError(
-                f"--model.objective.pass_structure must be fused, stacked or reference, got {pass_structure!r}"
-            )
+        if pass_structure not in ("fused", "stacked"):
+            raise ValueError(f"--model.objective.pass_structure must be fused or stacked, got {pass_structure!r}")
         if reward_scale < 0:
             raise ValueError("--model.objective.reward_scale must be >= 0")
         if reverse_loss_scale < 0:
@@ -162,7 +158,6 @@ class GradientDBObjective(Objective):
         self.trust_region_scale = trust_region_scale
         self.use_flow_head = use_flow_head
         self.reward_guess_weighting = reward_guess_weighting
-        self.reverse_loss_trains_policy = reverse_loss_trains_policy
         self.transition_weighting = transition_weighting
         self.timestep_fraction = timestep_fraction
         self.low_variance_subsampling = low_variance_subsampling
@@ -504,9 +499,11 @@ class GradientDBObjective(Objective):
 
     # ---- loss ---------------------------------------------------------------------------------------------------
     def loss(self, chunk: Transitions, ctx: ObjectiveContext) -> ObjectiveOutput:
-        structure = "reference" if self.reverse_loss_trains_policy else self.pass_structure
+        """One path for every pass structure: the structure computes the scores (prior, policy at x, the reward
+        guess at x', the policy's reverse score + the guess at x), :func:`nabla_db_residuals` turns them into the
+        forward and reverse residuals, :meth:`loss_from_residuals` weights and sums them."""
         source = None
-        if structure != "reference" and self.reverse_loss_scale > 0 and self.guesses_reward_at_x:
+        if self.reverse_loss_scale > 0 and self.guesses_reward_at_x:
             order, source = shared_state_order(chunk.trajectory, chunk.step)
             if len(source):
                 # The loss is a mean over rows: reordering them changes nothing but puts the shared states first.
@@ -514,30 +511,33 @@ class GradientDBObjective(Objective):
         policy, sampler = ctx.policy, ctx.sampler
         abar_t, abar_prev = policy.alpha_bar(chunk.t), policy.alpha_bar(chunk.t_prev)
         std = ddim_std(abar_t, abar_prev, sampler.eta)
+        stacked = self.pass_structure == "stacked"
+        structure_scores = self.stacked_structure_scores if stacked else self.fused_structure_scores
+        prior, at_x, guess_next, policy_rev_plus_guess = structure_scores(chunk, ctx, std, abar_t, abar_prev, source)
+        flow_next, g_terminal = self.flow_from_guess_next(chunk, guess_next, ctx, abar_prev)
+        g_cur = None
+        if policy_rev_plus_guess is not None:
+            # flow_cur = g_φ(x) + β·γ_t·∇_x r: its reward part is already in policy_rev_plus_guess (docs/method.md §2.3)
+            g_cur = ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds) if self.use_flow_head else 0.0
+        forward_residual, reverse_residual = nabla_db_residuals(
+            at_x.forward_score, prior.forward, flow_next, policy_rev_plus_guess, prior.reverse, g_cur
+        )
+        return self.loss_from_residuals(chunk, std, at_x, prior, flow_next, forward_residual, reverse_residual,
+                                        g_terminal)  # fmt: skip
 
-        if structure == "reference":
-            prior = self.prior_scores(chunk, ctx, std, abar_t, abar_prev)
-            at_x = self.policy_pass(chunk, ctx, abar_t, abar_prev, std)
-            forward_residual, reverse_residual, flow_next, g_terminal = reference_structure_residuals(
-                self, chunk, ctx, at_x, std, abar_t, abar_prev, prior
-            )
-        else:
-            if structure == "stacked":
-                prior, at_x, guess_next, policy_rev_plus_guess = self.stacked_structure_scores(
-                    chunk, ctx, std, abar_t, abar_prev, source
-                )
-            else:
-                prior, at_x, guess_next, policy_rev_plus_guess = self.fused_structure_scores(
-                    chunk, ctx, std, abar_t, abar_prev, source
-                )
-            flow_next, g_terminal = self.flow_from_guess_next(chunk, guess_next, ctx, abar_prev)
-            forward_residual = at_x.forward_score - prior.forward - flow_next
-            reverse_residual = None
-            if policy_rev_plus_guess is not None:
-                g_cur = ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds) if self.use_flow_head else 0.0
-                # policy_rev − prior_rev + flow_cur, with flow_cur = g_φ(x) + β·γ_t·∇_x r (docs/method.md §2.3)
-                reverse_residual = policy_rev_plus_guess - prior.reverse + g_cur
-
+    def loss_from_residuals(
+        self,
+        chunk: Transitions,
+        std: Tensor,
+        at_x: PolicyPass,
+        prior: Scores,
+        flow_next: Tensor,
+        forward_residual: Tensor,
+        reverse_residual: Tensor | None,
+        g_terminal: Tensor,
+    ) -> ObjectiveOutput:
+        """The loss of a chunk from its residuals: transition weights, the forward, reverse, terminal and
+        trust-region terms (docs/method.md §2.6), each a mean over the chunk's transitions."""
         if self.forward_flow_target == "pathwise":  # the policy regresses onto a(x') instead of g_φ + guess
             forward_residual = forward_residual + flow_next - chunk.flow_target_next
         weight = per_sample(transition_weight(std, self.transition_weighting), forward_residual)

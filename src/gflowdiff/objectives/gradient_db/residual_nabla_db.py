@@ -35,12 +35,10 @@ class ResidualNablaDB(GradientDBObjective):
         trust_region_scale: λ, UNet L2 trust region against the behaviour model's stored outputs.
         use_flow_head: learn g_φ; False trusts the forward-looking reward guess alone (reference ``no_flow``).
         reward_guess_weighting: γ_t of the forward-looking reward guess.
-        reverse_loss_trains_policy: second-order backward of the reverse residual into the policy.
         transition_weighting: ``none`` (reference) or ``variance`` (residuals × σ_t², same optimum).
         timestep_fraction: fraction of the T steps trained per trajectory.
         low_variance_subsampling: stratify the trained steps over contiguous chunks.
-        pass_structure: ``fused`` (default), ``stacked`` (one UNet call; faster, more memory) or ``reference``
-            (the reference code's passes); same loss.
+        pass_structure: ``fused`` (default) or ``stacked`` (one UNet call; faster, more memory); the same loss.
         adjacent_pairs: train steps in adjacent pairs, which the fused structure computes with fewer passes.
         detach_flow_in_forward_target: train g_φ by the reverse and terminal conditions only (same optimum);
             ``None``: whenever w_B > 0 or a flow fit trains it (the analytic Gaussian test's floor).
@@ -61,7 +59,6 @@ class ResidualNablaDB(GradientDBObjective):
         trust_region_scale: float = 0.0,
         use_flow_head: bool = True,
         reward_guess_weighting: GuessWeighting = "alpha_bar",
-        reverse_loss_trains_policy: bool = False,
         transition_weighting: TransitionWeighting = "none",
         timestep_fraction: float = 0.1,
         low_variance_subsampling: bool = True,
@@ -82,7 +79,6 @@ class ResidualNablaDB(GradientDBObjective):
             trust_region_scale=trust_region_scale,
             use_flow_head=use_flow_head,
             reward_guess_weighting=reward_guess_weighting,
-            reverse_loss_trains_policy=reverse_loss_trains_policy,
             transition_weighting=transition_weighting,
             timestep_fraction=timestep_fraction,
             low_variance_subsampling=low_variance_subsampling,

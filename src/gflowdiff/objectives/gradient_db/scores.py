@@ -1,5 +1,5 @@
-"""The small types the ∇-DB objective (objective.py) and its pass structures (_stacked_passes.py,
-_reference_passes.py) share: the prior's scores, the policy's pass at x, and what the pass structures call back on the
+"""The small types the ∇-DB objective (objective.py) and its pass structures (_stacked_passes.py, and the tests'
+reference structure) share: the prior's scores, the policy's pass at x, and what the pass structures call back on the
 objective that runs them (a protocol, so that they need not import objective.py, which imports them)."""
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ class PassOwner(Protocol):
     that runs them (its options and flow-score methods)."""
 
     reverse_loss_scale: float
-    reverse_loss_trains_policy: bool
     use_flow_head: bool
     reward_guess_weighting: GuessWeighting
     stacks_pretrained_pass: bool

@@ -1,8 +1,7 @@
-"""The ``reference`` pass structure: the reference code's passes (docs/method.md §3.1 steps 6–12), each on its own.
-
-gflowdiff keeps it to check the fused and stacked structures against (tests/objectives/test_pass_structure.py) and to
-time them against (scripts/benchmark.py), and for ``reverse_loss_trains_policy``, whose second-order backward needs the
-policy's reverse score as a graph of its own.
+"""The reference code's passes (docs/method.md §3.1 steps 6–12), each on its own: the test oracle that the fused and
+stacked pass structures are checked against (tests/objectives/test_pass_structure.py, test_gaussian_target.py) and
+that scripts/benchmark.py times them against. It ends in the objective's own ``loss_from_residuals``, so the two
+paths differ only in how the scores are computed.
 """
 
 from __future__ import annotations
@@ -10,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gflowdiff.diffusion.math import per_sample, predicted_x0, reverse_score
-from gflowdiff.diffusion.types import Transitions
+from gflowdiff.diffusion.math import ddim_std, per_sample, predicted_x0, reverse_score
+from gflowdiff.diffusion.types import ObjectiveOutput, Transitions
 from gflowdiff.objectives.base import ObjectiveContext
 from gflowdiff.objectives.gradient_db.math import nabla_db_residuals
 from gflowdiff.objectives.gradient_db.scores import PassOwner, PolicyPass, Scores
@@ -58,9 +57,7 @@ def reference_structure_residuals(
     need_reverse = objective.reverse_loss_scale > 0
     policy_rev = None
     if need_reverse:
-        policy_rev = reverse_score(
-            at_x.x, chunk.x_next, at_x.mean, std, create_graph=objective.reverse_loss_trains_policy
-        )
+        policy_rev = reverse_score(at_x.x, chunk.x_next, at_x.mean, std)
     guess_next, _ = objective.guess_next_gradient(chunk, ctx, abar_prev)  # while the x graph is alive, as the reference
     flow_next, g_terminal = objective.flow_from_guess_next(chunk, guess_next, ctx, abar_prev)
     flow_cur = flow_score_current(objective, chunk, at_x, abar_t, ctx) if need_reverse else None
@@ -68,3 +65,15 @@ def reference_structure_residuals(
         at_x.forward_score, prior.forward, flow_next, policy_rev, prior.reverse, flow_cur
     )
     return forward_residual, reverse_residual, flow_next, g_terminal
+
+
+def reference_loss(objective, chunk: Transitions, ctx: ObjectiveContext) -> ObjectiveOutput:
+    """``objective.loss(chunk, ctx)`` computed with the reference code's passes."""
+    abar_t, abar_prev = ctx.policy.alpha_bar(chunk.t), ctx.policy.alpha_bar(chunk.t_prev)
+    std = ddim_std(abar_t, abar_prev, ctx.sampler.eta)
+    prior = objective.prior_scores(chunk, ctx, std, abar_t, abar_prev)
+    at_x = objective.policy_pass(chunk, ctx, abar_t, abar_prev, std)
+    forward, reverse, flow_next, g_terminal = reference_structure_residuals(
+        objective, chunk, ctx, at_x, std, abar_t, abar_prev, prior
+    )
+    return objective.loss_from_residuals(chunk, std, at_x, prior, flow_next, forward, reverse, g_terminal)
