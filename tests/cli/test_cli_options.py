@@ -110,3 +110,19 @@ def test_a_non_square_unet_is_refused_naming_the_model(tiny_sd_path, tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="--model.pretrained_model .*non-square sample_size"):
         DiffusionPolicy(str(folder))
+
+
+@pytest.mark.parametrize("name", ["ResidualNablaDB", "NablaDB"])
+def test_objective_help_lists_every_inherited_option(name, capsys):
+    # ResidualNablaDB passes its parent's options through **kwargs instead of restating them: --help must still
+    # list each of them (jsonargparse follows the **kwargs into GradientDBObjective.__init__).
+    import inspect
+
+    from gflowdiff.objectives.gradient_db.objective import GradientDBObjective
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.objective.help", name])
+    shown = capsys.readouterr().out
+    for option in inspect.signature(GradientDBObjective.__init__).parameters:
+        if option != "self":
+            assert f"--model.objective.{option} " in shown, option
