@@ -91,7 +91,10 @@ def test_structure_equals_reference_structure(tiny_sd_path, objective, structure
     assert fused_grads.keys() == reference_grads.keys() and len(fused_grads) > 0
     for name, grad in reference_grads.items():
         assert grad.abs().max() > 0, name
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=2e-5 * float(grad.abs().max()), msg=name)
+        # float32 sums in another order: measured ≤ 1.1e-4 of the tensor's norm, at 1 and at 2 threads (an element-wise
+        # tolerance failed at 1 thread on a tiny element); a wrong term moves a gradient by O(1) of its norm
+        error = float((fused_grads[name] - grad).norm() / grad.norm())
+        assert error < 5e-4, f"{name}: relative gradient difference {error:.2e}"
 
 
 def test_shared_state_order_puts_shared_states_first():
