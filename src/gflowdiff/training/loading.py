@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from gflowdiff.training.module import GFlowDiffModule
+from gflowdiff.training.retired_options import migrate_objective
 
 
 def load_trained_module(path: str | Path, map_location: str = "cpu") -> GFlowDiffModule:
@@ -24,5 +27,11 @@ def load_trained_module(path: str | Path, map_location: str = "cpu") -> GFlowDif
             "ignore", message="Found keys that are in the model state dict but not in the checkpoint"
         )
         warnings.filterwarnings("ignore", message="Attribute '(objective|reward)' is an instance of `nn.Module`")
-        module = GFlowDiffModule.load_from_checkpoint(path, map_location=map_location, weights_only=True, strict=False)
+        hparams = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
+        overrides = {}
+        if "objective" in hparams:  # options older checkpoints may hold (training/retired_options.py)
+            overrides["objective"] = migrate_objective(hparams["objective"], f"checkpoint {path}")
+        module = GFlowDiffModule.load_from_checkpoint(
+            path, map_location=map_location, weights_only=True, strict=False, **overrides
+        )
     return module.eval()
