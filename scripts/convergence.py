@@ -220,9 +220,9 @@ def report(curves: dict[str, list[list[dict]]], args: argparse.Namespace) -> Non
         figure, axis = plt.subplots(figsize=(7, 4.5))
         for name, runs in curves.items():
             for index, points in enumerate(runs):
-                color, label = f"C{list(curves).index(name)}", name if index == 0 else None
+                color, legend = f"C{list(curves).index(name)}", name if index == 0 else None
                 xs, ys = [p[axis_key] for p in points], [p["tv"] for p in points]
-                axis.plot(xs, ys, marker="o", markersize=3, color=color, alpha=0.8, label=label)
+                axis.plot(xs, ys, marker="o", markersize=3, color=color, alpha=0.8, label=legend)
         floors = [p["tv_floor"] for runs in curves.values() for points in runs for p in points]
         if floors:
             axis.axhline(statistics.mean(floors), color="k", linestyle=":", linewidth=1)

@@ -253,7 +253,7 @@ class GradientDBObjective(Objective):
                     loss.backward()
                 optimizer.step()
                 schedule.step()
-                epoch_loss += float(loss) * len(index) / len(states)
+                epoch_loss += float(loss.detach()) * len(index) / len(states)
         head.zero_grad(set_to_none=True)
         return {"objective/value_warmup_loss": epoch_loss}
 
