@@ -85,11 +85,10 @@ def test_value_fit_loss_is_the_soft_label_cross_entropy():
 def test_the_demo_config_with_its_value_head_resumes_exactly(tiny_sd_path, tmp_path, monkeypatch):
     # The fit before the first step must not run again on resume (the fitted head is in the checkpoint), and the
     # resumed run must end with the uninterrupted run's weights, flow head included.
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from gflowdiff.cli import main
     from tests.training.test_module import DIGITS_CONFIG
-    from tests.training.test_resume import KilledAfterCheckpoint, fit_args, trainable
+    from tests.training.test_resume import fit_args, killed_after_checkpoint, trainable
 
     demo = str(DIGITS_CONFIG).replace("residual_nabla_db_paper.yaml", "residual_nabla_db.yaml")
     small = ["--model.objective.value_warmup_trajectories", "8", "--model.objective.value_warmup_epochs", "1"]
@@ -101,17 +100,8 @@ def test_the_demo_config_with_its_value_head_resumes_exactly(tiny_sd_path, tmp_p
     monkeypatch.chdir(tmp_path)
     uninterrupted = main(args(tmp_path / "a"))
     assert isinstance(uninterrupted.model.flow_head, ValueFlowHead)
-    save = ModelCheckpoint._save_checkpoint
-
-    def save_then_die(callback, trainer, filepath):
-        save(callback, trainer, filepath)
-        if trainer.global_step == 2:
-            raise KilledAfterCheckpoint
-
-    monkeypatch.setattr(ModelCheckpoint, "_save_checkpoint", save_then_die)
-    with pytest.raises(KilledAfterCheckpoint):
+    with killed_after_checkpoint(monkeypatch, step=2):
         main(args(tmp_path / "b"))
-    monkeypatch.setattr(ModelCheckpoint, "_save_checkpoint", save)
     warm_ups = []
     original = ResidualNablaDB.warm_up
     monkeypatch.setattr(ResidualNablaDB, "warm_up", lambda self, *a: warm_ups.append(1) or original(self, *a))

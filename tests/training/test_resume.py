@@ -3,6 +3,9 @@ uninterrupted run's weights and logged reward curve."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -14,6 +17,25 @@ from tests.training.test_preemption import reward_curve
 
 class KilledAfterCheckpoint(Exception):
     """Stands in for a SIGKILL that lands right after a checkpoint file is written."""
+
+
+@contextmanager
+def killed_after_checkpoint(monkeypatch, step: int) -> Iterator[None]:
+    """A fit inside the block dies (KilledAfterCheckpoint, expected) right after writing its step-``step``
+    checkpoint; checkpoint saving is restored afterwards."""
+    save = ModelCheckpoint._save_checkpoint
+
+    def save_then_die(callback, trainer, filepath):
+        save(callback, trainer, filepath)
+        if trainer.global_step == step:
+            raise KilledAfterCheckpoint
+
+    monkeypatch.setattr(ModelCheckpoint, "_save_checkpoint", save_then_die)
+    try:
+        with pytest.raises(KilledAfterCheckpoint):
+            yield
+    finally:
+        monkeypatch.setattr(ModelCheckpoint, "_save_checkpoint", save)
 
 
 def trainable(cli) -> dict[str, torch.Tensor]:
@@ -32,18 +54,9 @@ def test_resumed_run_reproduces_the_uninterrupted_run(tiny_sd_path, tmp_path, mo
 
     # Kill run b right after its step-2 checkpoint is written: Lightning logs a step's metrics after the checkpoints
     # of that step, so the step's reward point is not on disk yet (checked below).
-    save = ModelCheckpoint._save_checkpoint
-
-    def save_then_die(callback, trainer, filepath):
-        save(callback, trainer, filepath)
-        if trainer.global_step == 2:
-            raise KilledAfterCheckpoint
-
-    monkeypatch.setattr(ModelCheckpoint, "_save_checkpoint", save_then_die)
-    with pytest.raises(KilledAfterCheckpoint):
+    with killed_after_checkpoint(monkeypatch, step=2):
         main(fit_args(tiny_sd_path, tmp_path / "b"))
     assert sorted(reward_curve(tmp_path / "b" / "runs")) == [0]
-    monkeypatch.setattr(ModelCheckpoint, "_save_checkpoint", save)
     resumed = main(fit_args(tiny_sd_path, tmp_path / "b", "--ckpt_path", "last"))
 
     assert resumed.trainer.global_step == uninterrupted.trainer.global_step == 4
