@@ -61,8 +61,9 @@ def train(config: str, seed: int, args: argparse.Namespace) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     # Runs train until the budget ends; one whose learning rate decays over --trainer.max_steps keeps its config's
     # max_steps (the schedule's length) and may end earlier.
-    decays = any((yaml.safe_load(Path(part).read_text()).get("model") or {}).get("lr_decay", "none") != "none"
-                 for part in config.split("+"))  # fmt: skip
+    optimization = [((yaml.safe_load(Path(part).read_text()).get("model") or {}).get("optimization") or {})
+                    for part in config.split("+")]  # fmt: skip
+    decays = any(options.get("lr_decay", "none") != "none" for options in optimization)
     command = [
         sys.executable, "-m", "gflowdiff.cli", "fit",
         *[arg for part in config.split("+") for arg in ("--config", part)],
@@ -74,7 +75,7 @@ def train(config: str, seed: int, args: argparse.Namespace) -> Path:
         "--trainer.logger.init_args.version", "0",
         "--trainer.enable_progress_bar", "false",
         "--trainer.val_check_interval", "1000000",
-        "--model.log_images_every_n_steps", "0",
+        "--model.evaluation.log_images_every_n_steps", "0",
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
         "--trainer.callbacks.every_n_train_steps", str(args.checkpoint_every),
         "--trainer.callbacks.save_top_k", "-1",

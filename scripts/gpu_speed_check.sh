@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU speed check for one 10-minute device call: SD-1.5's architecture with random weights, B = 4, bf16.
 # Eager reference structure vs fused and stacked adjacent pairs, then stacked pairs with the networks compiled
-# (`--model.compile true`). Compiling takes most of the time (the first compiled fused-pairs step at B = 4: 415 s on
+# (`--model.performance.compile true`). Compiling takes most of the time (the first compiled fused-pairs step at B = 4: 415 s on
 # an H100), so the reward is left eager here. Variables:
 #   STRUCTURES="reference pairs stacked_pairs"   eager structures (scripts/benchmark.py --structures)
 #   COMPILED_STRUCTURES=stacked_pairs            compiled structures (pairs: the fused structure measured before)

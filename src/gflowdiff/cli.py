@@ -35,6 +35,7 @@ from gflowdiff.training.module import GFlowDiffModule
 from gflowdiff.training.preemption import PreemptionCheckpoint
 from gflowdiff.training.quiet import StepProgressBar, silence_known_messages
 from gflowdiff.training.resume import check_checkpoint_settings, resolve_last_checkpoint
+from gflowdiff.training.retired_options import moved_option_messages
 from gflowdiff.training.run_lock import run_folder_lock
 
 EVALUATING = ("validate", "test")
@@ -99,7 +100,6 @@ def check_option_values(model: Any) -> None:
     optimizer_args = (model.get("optimizer") or {}).get("init_args") or {}
     for option, value in [
         ("optimizer.init_args.lr", optimizer_args.get("lr")),
-        ("flow_head_lr", model.get("flow_head_lr")),
     ]:
         if value is not None and value < 0:
             raise ValueError(f"--model.{option} must be >= 0 (got {value})")
@@ -220,10 +220,26 @@ def check_config_syntax(args: list[str]) -> None:
             sys.exit(2)
 
 
+def check_moved_options(args: list[str]) -> None:
+    """Refuse the flat module options of older versions (``--model.train_batch_size``, ``model: {compile: ...}``),
+    naming where each one lives now, instead of the parser's "unrecognized arguments"."""
+    messages = []
+    for name in config_files(args):
+        path = Path(name)
+        if path.is_file():
+            messages += moved_option_messages((yaml.safe_load(path.read_text()) or {}).get("model"), f"--config {name}")
+    flags = {arg.split("=", 1)[0].removeprefix("--model.") for arg in args if arg.startswith("--model.")}
+    messages += moved_option_messages(dict.fromkeys(flags), "command line", prefix="--model.")
+    if messages:
+        sys.stderr.write("".join(f"error: {line}\n" for line in messages))
+        sys.exit(2)
+
+
 def main(args: list[str] | None = None) -> GFlowDiffCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     silence_known_messages()
     check_config_syntax(sys.argv[1:] if args is None else args)
+    check_moved_options(sys.argv[1:] if args is None else args)
     return GFlowDiffCLI(GFlowDiffModule, PromptDataModule, **cli_options(), args=args)
 
 

@@ -31,8 +31,8 @@ Key options (fit, validate, test)
   --model.reward NAME                    e.g. DigitClassifierReward; its options: --model.reward.<option>
   --model.sampler.num_inference_steps N  also .guidance_scale, .eta
   --model.lora.rank R                    also .alpha, .target_modules
-  --model.optimizer.init_args.lr LR      the LoRA's learning rate; --model.flow_head_lr for the flow head
-  --model.train_batch_size N             transitions per backward pass (a memory knob)
+  --model.optimizer.init_args.lr LR      the LoRA's learning rate; --model.optimization.flow_head_lr for the flow head
+  --model.optimization.train_batch_size N             transitions per backward pass (a memory knob)
   --data.train_prompts NAME|FILE         and --data.batch_size (trajectories per step)
   --trainer.max_steps N                  and --trainer.logger.init_args.save_dir DIR (run folders)
   --ckpt_path FILE|last                  resume or score a checkpoint

@@ -62,7 +62,7 @@ def test_unreadable_ckpt_path_gets_gflowdiffs_message(tmp_path, content):
     ("args", "named"),
     [
         (["--model.optimizer.init_args.lr", "-0.001"], "--model.optimizer.init_args.lr must be >= 0"),
-        (["--model.flow_head_lr", "-1"], "--model.flow_head_lr must be >= 0"),
+        (["--model.optimization.flow_head_lr", "-1"], "--model.optimization.flow_head_lr must be >= 0"),
         (["--model.lora.rank", "0"], "--model.lora.rank must be >= 1"),
         (["--model.lora.alpha", "0"], "--model.lora.alpha must be > 0"),
         (["--model.sampler.guidance_scale", "-2"], "--model.sampler.guidance_scale must be >= 0"),
@@ -84,6 +84,20 @@ def test_unknown_lora_target_module_names_the_option(tiny_sd_path):
 
     with pytest.raises(ValueError, match="--model.lora.target_modules: 'to_qq' matches no layer of the UNet.*to_q"):
         DiffusionPolicy(str(tiny_sd_path), lora=LoRAConfig(target_modules=["to_q", "to_qq"]))
+
+
+def test_flat_module_options_of_older_versions_name_their_new_place(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  train_batch_size: 2\n  channels_last: true\n  log_images_every_n_steps: 0\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(DIGITS_CONFIG), "--config", str(old), "--model.compile_backend=eager"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"--config {old}: model.train_batch_size is now model.optimization.train_batch_size" in error
+    assert "model.channels_last is now model.performance.channels_last" in error
+    assert "model.log_images_every_n_steps is now model.evaluation.log_images_every_n_steps" in error
+    assert "command line: --model.compile_backend is now --model.performance.compile_backend" in error
+    assert str(DIGITS_CONFIG) not in error  # the repository's configs use the groups
 
 
 def test_invalid_yaml_names_the_file_and_line(tmp_path, capsys):

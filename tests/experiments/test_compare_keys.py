@@ -21,8 +21,8 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_configs_with_the_same_file_name_get_their_own_runs(tmp_path):
-    a = write(tmp_path / "a" / "run.yaml", "model:\n  train_batch_size: 2\n")
-    b = write(tmp_path / "b" / "run.yaml", "model:\n  train_batch_size: 4\n")
+    a = write(tmp_path / "a" / "run.yaml", "model:\n  optimization:\n    train_batch_size: 2\n")
+    b = write(tmp_path / "b" / "run.yaml", "model:\n  optimization:\n    train_batch_size: 4\n")
     first, second = specs(tmp_path / "out", [a, b])
     assert first.directory != second.directory
     assert first.name != second.name  # two rows of the table, not one config with two seeds
@@ -30,13 +30,13 @@ def test_configs_with_the_same_file_name_get_their_own_runs(tmp_path):
 
 
 def test_a_rerun_with_other_steps_or_content_is_another_run(tmp_path):
-    config = write(tmp_path / "run.yaml", "model:\n  train_batch_size: 2\n")
+    config = write(tmp_path / "run.yaml", "model:\n  optimization:\n    train_batch_size: 2\n")
     (short,) = specs(tmp_path / "out", [config], steps=2)
     (longer,) = specs(tmp_path / "out", [config], steps=5)
     assert short.directory != longer.directory and short.done_marker != longer.done_marker
     (again,) = specs(tmp_path / "out", [config], steps=2)
     assert again.directory == short.directory  # the same run: reused
-    write(config, "model:\n  train_batch_size: 3\n")
+    write(config, "model:\n  optimization:\n    train_batch_size: 3\n")
     (edited,) = specs(tmp_path / "out", [config], steps=2)
     assert edited.directory != short.directory
     plain, variant = specs(tmp_path / "out", [config], variants=("model.seed=3",))

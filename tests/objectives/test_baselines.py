@@ -17,6 +17,7 @@ import gflowdiff.objectives as objectives
 from gflowdiff.cli import main
 from gflowdiff.diffusion.math import ddim_mean, ddim_std, per_sample
 from gflowdiff.diffusion.sampling import SamplerConfig, sample_rollout
+from gflowdiff.evaluation.evaluator import EvaluationConfig
 from gflowdiff.objectives import DB, DDPO, DRaFT, NablaDB, Objective, ReFL, ResidualDB, ResidualNablaDB
 from gflowdiff.objectives._pathwise import renoise, reward_loss, window_bounds
 from gflowdiff.objectives._scalar_db import (
@@ -29,6 +30,7 @@ from gflowdiff.objectives.flow_head import FlowHeadConfig
 from gflowdiff.rewards import DigitClassifierReward, Reward
 from gflowdiff.training.data import PromptDataModule
 from gflowdiff.training.module import GFlowDiffModule
+from gflowdiff.training.optimization import OptimizationConfig
 from tests.package_walk import concrete_classes_defined_in
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,7 +52,7 @@ def tiny_module(tiny_sd_path, objective: Objective, reward: Reward | None = None
         pretrained_model=str(tiny_sd_path),
         sampler=TINY_SAMPLER,
         flow_head=TINY_FLOW_HEAD,
-        log_images_every_n_steps=0,
+        evaluation=EvaluationConfig(log_images_every_n_steps=0),
         **kwargs,
     )
 
@@ -309,7 +311,9 @@ def all_objective_cases() -> list:
 @pytest.mark.parametrize("make_objective", all_objective_cases())
 def test_objective_trains_lora_keeps_frozen_weights_and_round_trips(make_objective, tiny_sd_path, tmp_path):
     objective = make_objective()
-    module = tiny_module(tiny_sd_path, objective, train_batch_size=4, optimizer_steps_per_rollout=2)
+    module = tiny_module(
+        tiny_sd_path, objective, optimization=OptimizationConfig(train_batch_size=4, optimizer_steps_per_rollout=2)
+    )
     trainable = {n: p.detach().clone() for n, p in module.named_parameters() if n in module.trainable_names}
     frozen = {n: p.detach().clone() for n, p in module.named_parameters() if n not in module.trainable_names}
     assert any("lora_" in n for n in trainable) and frozen

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gflowdiff.diffusion.sampling import SamplerConfig, sample_rollout
+from gflowdiff.evaluation.evaluator import EvaluationConfig
 from gflowdiff.objectives import NablaDB, ResidualNablaDB
 from gflowdiff.objectives.flow_head import FlowHeadConfig
 from gflowdiff.objectives.gradient_db.math import shared_state_order
@@ -28,7 +29,7 @@ def perturbed_module(tiny_sd_path, objective) -> GFlowDiffModule:
         pretrained_model=str(tiny_sd_path),
         sampler=SAMPLER,
         flow_head=FLOW_HEAD,
-        log_images_every_n_steps=0,
+        evaluation=EvaluationConfig(log_images_every_n_steps=0),
     )
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -782,6 +782,7 @@ def test_tiny_pipeline_fit_runs_with_each_differentiable_reward(name, request, t
     from gflowdiff.objectives import ResidualNablaDB
     from gflowdiff.training.data import PromptDataModule
     from gflowdiff.training.module import GFlowDiffModule
+    from gflowdiff.training.optimization import OptimizationConfig
 
     if name == "WeightedSum":
         reward = WeightedSum(
@@ -795,7 +796,7 @@ def test_tiny_pipeline_fit_runs_with_each_differentiable_reward(name, request, t
         reward=reward,
         pretrained_model=str(tiny_sd_path),
         sampler=SamplerConfig(num_inference_steps=2, guidance_scale=2.0),
-        train_batch_size=4,
+        optimization=OptimizationConfig(train_batch_size=4),
     )
     lora_before = [p.detach().clone() for p in module.policy.lora_parameters()]
     trainer = L.Trainer(

@@ -8,7 +8,7 @@ import torch
 
 from gflowdiff.cli import main
 from gflowdiff.training.loading import load_trained_module
-from gflowdiff.training.retired_options import migrate_objective
+from gflowdiff.training.retired_options import MOVED_MODULE_OPTIONS, migrate_module_options, migrate_objective
 from tests.training.test_module import tiny_fit_args
 
 
@@ -36,3 +36,33 @@ def test_an_older_checkpoint_with_a_retired_option_loads(tiny_sd_path, tmp_path,
     torch.save(checkpoint, old)
     with pytest.raises(ValueError, match="reverse_loss_trains_policy"):
         load_trained_module(old)
+
+
+def test_migrate_module_options_moves_flat_options_into_their_groups():
+    old = {"seed": 3, "train_batch_size": 8, "lr_decay": "cosine", "compile": False, "log_images_every_n_steps": 0,
+           "optimization": {"max_grad_norm": 0.5}}  # fmt: skip
+    new = migrate_module_options(old)
+    assert new == {
+        "seed": 3,
+        "optimization": {"max_grad_norm": 0.5, "train_batch_size": 8, "lr_decay": "cosine"},
+        "performance": {"compile": False},
+        "evaluation": {"log_images_every_n_steps": 0},
+    }
+    assert "train_batch_size" in old and old["optimization"] == {"max_grad_norm": 0.5}  # the input is not modified
+
+
+def test_a_checkpoint_with_the_flat_module_options_of_older_versions_loads(tiny_sd_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main([*tiny_fit_args(tiny_sd_path, tmp_path, max_steps=1), "--model.optimization.train_batch_size", "3"])
+    path = tmp_path / "ckpt" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=False)
+    hparams = checkpoint["hyper_parameters"]
+    for group in ("optimization", "performance", "evaluation"):  # flatten them, as gflowdiff saved them before
+        hparams.update(hparams.pop(group))
+    assert set(MOVED_MODULE_OPTIONS) <= set(hparams)
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    module = load_trained_module(old)
+    assert module.optimization.train_batch_size == 3 and module.performance.channels_last is True
+    assert module.evaluation.log_images_every_n_steps == 20  # the digits config's value, now in its group
+    torch.testing.assert_close(module.state_dict(), load_trained_module(path).state_dict(), rtol=0, atol=0)

@@ -1,7 +1,7 @@
-"""Compiled networks (``--model.compile``) compute the same loss, gradients and rollouts as eager ones. The CPU tests
-use the ``aot_eager_decomp_partition`` backend: inductor's graph capture, decompositions and autograd partitioning,
-without its (slow on CPU) code generation. (Plain ``aot_eager`` fails on batch-1 decodes: native_group_norm on a
-non-contiguous view, pytorch#186414.)"""
+"""Compiled networks (``--model.performance.compile``) compute the same loss, gradients and rollouts as eager ones. The
+CPU tests use the ``aot_eager_decomp_partition`` backend: inductor's graph capture, decompositions and autograd
+partitioning, without its (slow on CPU) code generation. (Plain ``aot_eager`` fails on batch-1 decodes:
+native_group_norm on a non-contiguous view, pytorch#186414.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ from torch._dynamo.utils import counters
 from gflowdiff.diffusion.sampling import sample_rollout
 from gflowdiff.objectives import ResidualNablaDB
 
-COMPILE_ON_CPU = ["--model.compile", "true", "--model.compile_backend", "aot_eager_decomp_partition"]
+COMPILE_ON_CPU = [
+    "--model.performance.compile",
+    "true",
+    "--model.performance.compile_backend",
+    "aot_eager_decomp_partition",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,17 +30,23 @@ def fresh_dynamo():
 
 
 def test_compile_option_compiles_in_place_and_keeps_parameter_names(tiny_sd_path):
+    from gflowdiff.evaluation.evaluator import EvaluationConfig
     from gflowdiff.rewards import DigitClassifierReward
     from gflowdiff.training.module import GFlowDiffModule
+    from gflowdiff.training.performance import PerformanceConfig
 
-    eager = GFlowDiffModule(ResidualNablaDB(), DigitClassifierReward(), str(tiny_sd_path), log_images_every_n_steps=0)
+    eager = GFlowDiffModule(
+        ResidualNablaDB(),
+        DigitClassifierReward(),
+        str(tiny_sd_path),
+        evaluation=EvaluationConfig(log_images_every_n_steps=0),
+    )
     module = GFlowDiffModule(
         ResidualNablaDB(),
         DigitClassifierReward(),
         str(tiny_sd_path),
-        log_images_every_n_steps=0,
-        compile=True,
-        compile_scope="blocks",
+        evaluation=EvaluationConfig(log_images_every_n_steps=0),
+        performance=PerformanceConfig(compile=True, compile_scope="blocks"),
     )
     # scope "blocks": every attention and ResNet block of the UNet is compiled, not the UNet as a whole
     blocks = [m for m in module.policy.unet.modules() if type(m).__name__ in ("BasicTransformerBlock", "ResnetBlock2D")]
@@ -49,18 +60,26 @@ def test_unknown_compile_backend_names_the_option(tiny_sd_path):
     from gflowdiff.cli import main
     from tests.training.test_module import tiny_fit_args
 
-    args = [*tiny_fit_args(tiny_sd_path, tiny_sd_path.parent / "unused"), "--model.compile", "true"]
+    args = [*tiny_fit_args(tiny_sd_path, tiny_sd_path.parent / "unused"), "--model.performance.compile", "true"]
     # checked before any loading: a missing model folder is not reached
-    args += ["--model.pretrained_model", str(tiny_sd_path.parent / "missing"), "--model.compile_backend", "inductr"]
-    with pytest.raises(ValueError, match=r"--model.compile_backend: unknown backend 'inductr'; known: .*inductor"):
+    args += [
+        "--model.pretrained_model",
+        str(tiny_sd_path.parent / "missing"),
+        "--model.performance.compile_backend",
+        "inductr",
+    ]
+    with pytest.raises(
+        ValueError, match=r"--model.performance.compile_backend: unknown backend 'inductr'; known: .*inductor"
+    ):
         main(args)
 
 
 @pytest.mark.slow
 def test_fit_with_compile_logs_the_eager_runs_losses_and_metrics(tiny_sd_path, tmp_path):
-    """``gflowdiff fit --model.compile true``, residual ∇-DB in adjacent pairs: two optimizer steps (rollouts, the
-    stacked passes with the LoRA masked per row, validation, checkpoints) log the eager fused run's losses, rewards and
-    validation metrics. (The compiled fused structure is checked by tests/training/test_ddp.py's opt-in compiled test.)
+    """``gflowdiff fit --model.performance.compile true``, residual ∇-DB in adjacent pairs: two optimizer steps
+    (rollouts, the stacked passes with the LoRA masked per row, validation, checkpoints) log the eager fused run's
+    losses, rewards and validation metrics. (The compiled fused structure is checked by tests/training/test_ddp.py's
+    opt-in compiled test.)
 
     Not the weights: compiled kernels reassociate fp32 sums (~1e-5 relative in the loss), and Adam turns the sign of
     a near-zero gradient entry into a full ±lr step, so zero-initialised weights differ by a few % after two steps.

@@ -51,10 +51,15 @@ def test_ddp_ranks_differ_in_samples_and_agree_in_weights(tiny_sd_path, tmp_path
     not os.environ.get("GFLOWDIFF_LONG_TESTS"), reason="4 min on 2 cores: set GFLOWDIFF_LONG_TESTS=1 to run"
 )
 def test_ddp_with_compiled_networks(tiny_sd_path, tmp_path):
-    """The same check with ``--model.compile true``: DDP's gradient hooks and the compiled UNet, VAE decoder and flow
-    head (graph capture and AOTAutograd; ``aot_eager_decomp_partition`` skips code generation on CPU), in the fused
-    pass structure (tests/training/test_compilation.py compiles the stacked one)."""
-    compile_args = ["--model.compile", "true", "--model.compile_backend", "aot_eager_decomp_partition"]
+    """The same check with ``--model.performance.compile true``: DDP's gradient hooks and the compiled UNet, VAE decoder
+    and flow head (graph capture and AOTAutograd; ``aot_eager_decomp_partition`` skips code generation on CPU), in the
+    fused pass structure (tests/training/test_compilation.py compiles the stacked one)."""
+    compile_args = [
+        "--model.performance.compile",
+        "true",
+        "--model.performance.compile_backend",
+        "aot_eager_decomp_partition",
+    ]
     fit_two_ranks_and_check(
         tiny_sd_path, tmp_path, [*compile_args, "--model.objective.init_args.pass_structure", "fused"]
     )

@@ -21,10 +21,10 @@ def test_message_lists_the_same_math_options_first_then_those_that_change_the_ru
     assert lines[0] == str(error)
     options = [line for line in lines if line.startswith("  - ")]
     assert [option.split()[1] for option in options] == [
-        "--model.objective.init_args.x", "--model.compile", "--model.train_batch_size", "--model.frozen_dtype",
-        "--data.batch_size",
+        "--model.objective.init_args.x", "--model.performance.compile", "--model.optimization.train_batch_size",
+        "--model.frozen_dtype", "--data.batch_size",
     ]  # fmt: skip
-    assert "--model.train_batch_size 2 (now 4" in message and "--data.batch_size 4 (now 8" in message
+    assert "--model.optimization.train_batch_size 2 (now 4" in message and "--data.batch_size 4 (now 8" in message
     assert [option.endswith("[changes the run]") for option in options] == [False] * 3 + [True] * 2
 
 
@@ -54,5 +54,5 @@ def test_fit_reraises_out_of_memory_with_the_options(tiny_sd_path, tmp_path, mon
     message = str(caught.value)
     assert message.startswith("CUDA out of memory (simulated)")
     assert "pass_structure fused (one UNet graph alive at a time; now stacked)" in message
-    assert "--model.train_batch_size 2 (now 4" in message and "--data.batch_size 1 (now 2" in message
+    assert "--model.optimization.train_batch_size 2 (now 4" in message and "--data.batch_size 1 (now 2" in message
     assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)

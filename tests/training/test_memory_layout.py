@@ -1,5 +1,5 @@
-"""Channels-last networks (``--model.channels_last``) compute the same loss, gradients and samples as contiguous ones,
-and their trainable state is saved, exported and loaded like any other."""
+"""Channels-last networks (``--model.performance.channels_last``) compute the same loss, gradients and samples as
+contiguous ones, and their trainable state is saved, exported and loaded like any other."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import torch
 
 from gflowdiff.diffusion.policy import LoRAConfig, resolve_pretrained_path
 from gflowdiff.diffusion.sampling import SamplerConfig, sample_rollout
+from gflowdiff.evaluation.evaluator import EvaluationConfig
 from gflowdiff.objectives import ResidualNablaDB
 from gflowdiff.rewards import DigitClassifierReward
 from gflowdiff.training.checkpointing import export_lora, lora_state_with_unit_scale, trainable_state
 from gflowdiff.training.memory_layout import use_channels_last
 from gflowdiff.training.module import GFlowDiffModule
+from gflowdiff.training.performance import PerformanceConfig
 from tests.objectives.test_pass_structure import PROMPTS, SAMPLER, loss_and_gradients, perturbed_module
 
 
@@ -60,8 +62,8 @@ def test_channels_last_module_trains_saves_and_exports(tmp_path):
             reward=DigitClassifierReward(),
             lora=LoRAConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]),
             sampler=SamplerConfig(num_inference_steps=3, guidance_scale=1.0),
-            channels_last=channels_last,
-            log_images_every_n_steps=0,
+            performance=PerformanceConfig(channels_last=channels_last),
+            evaluation=EvaluationConfig(log_images_every_n_steps=0),
         )
 
     module = build(channels_last=True).to("cpu")  # .to keeps the layout

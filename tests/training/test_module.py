@@ -16,6 +16,7 @@ from gflowdiff.objectives.flow_head import FlowHead, FlowHeadConfig
 from gflowdiff.rewards import DigitClassifierReward
 from gflowdiff.training.data import PromptDataModule
 from gflowdiff.training.module import GFlowDiffModule
+from gflowdiff.training.optimization import OptimizationConfig
 from tests.conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,7 +29,7 @@ def tiny_fit_args(tiny_sd_path, root: Path, max_steps: int = 2) -> list[str]:
         "--model.pretrained_model", str(tiny_sd_path),
         "--model.sampler.num_inference_steps", "4",
         "--model.objective.timestep_fraction", "0.5",
-        "--model.train_batch_size", "4",
+        "--model.optimization.train_batch_size", "4",
         "--data.batch_size", "2",
         "--data.eval_batch_size", "2",
         "--trainer.max_steps", str(max_steps),
@@ -206,7 +207,7 @@ def test_every_config_builds_its_model_and_data(config, tiny_sd_path, reward_sta
     if config.name == "adjacent_pairs.yaml":
         assert cli.model.objective.adjacent_pairs is True
     if config.name == "compile.yaml":
-        assert cli.model.hparams.compile is True
+        assert cli.model.performance.compile is True
 
 
 def test_bad_input_errors_name_the_option(tmp_path, capsys):
@@ -253,7 +254,7 @@ def nan_reward_fit(tiny_sd_path, tmp_path, check_reward_gradient: bool):
         reward=NaNReward(),
         pretrained_model=str(tiny_sd_path),
         sampler=SamplerConfig(num_inference_steps=2, guidance_scale=1.0),
-        max_consecutive_bad_steps=2,
+        optimization=OptimizationConfig(max_consecutive_bad_steps=2),
         check_reward_gradient=check_reward_gradient,
     )
     trainer = L.Trainer(

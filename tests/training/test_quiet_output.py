@@ -41,8 +41,8 @@ def test_fit_prints_no_known_noise_and_a_step_progress_bar(tmp_path):
     command = [
         sys.executable, "-m", "gflowdiff.cli", "fit",
         "--config", str(REPO / "configs/digits/residual_nabla_db_paper.yaml"),
-        "--model.sampler.num_inference_steps", "4", "--model.train_batch_size", "2",
-        "--model.log_images_every_n_steps", "0", "--data.batch_size", "2", "--data.eval_batch_size", "2",
+        "--model.sampler.num_inference_steps", "4", "--model.optimization.train_batch_size", "2",
+        "--model.evaluation.log_images_every_n_steps", "0", "--data.batch_size", "2", "--data.eval_batch_size", "2",
         "--trainer.max_steps", "2", "--trainer.val_check_interval", "1000",
         "--trainer.callbacks.init_args.every_n_train_steps", "1",  # the first periodic checkpoint comes at step 1
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),

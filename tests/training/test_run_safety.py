@@ -26,8 +26,8 @@ def digits_args(root: Path, max_steps: int, *extra: str, subcommand: str = "fit"
     return [
         subcommand, "--config", str(DIGITS_CONFIG),
         "--model.sampler.num_inference_steps", "4",
-        "--model.train_batch_size", "2",
-        "--model.log_images_every_n_steps", "0",
+        "--model.optimization.train_batch_size", "2",
+        "--model.evaluation.log_images_every_n_steps", "0",
         "--data.batch_size", "2",
         "--data.eval_batch_size", "2",
         "--trainer.max_steps", str(max_steps),

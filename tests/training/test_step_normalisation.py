@@ -1,5 +1,6 @@
-"""``--model.train_batch_size`` is a memory knob: it must not change what a step optimises (issue: the terminal term's
-weight used to be the fraction of chunks holding a terminal row, 1.0 at one chunk, 0.33 at one row per chunk)."""
+"""``--model.optimization.train_batch_size`` is a memory knob: it must not change what a step optimises (issue: the
+terminal term's weight used to be the fraction of chunks holding a terminal row, 1.0 at one chunk, 0.33 at one row per
+chunk)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def step_gradients(tiny_sd_path, root, train_batch_size: int, extra: list[str]) 
     cli = main([
         *tiny_fit_args(tiny_sd_path, root, max_steps=1),
         "--data.batch_size", "4",  # 4 trajectories × 3 transitions (2 + the terminal one) = 12 per step
-        "--model.train_batch_size", str(train_batch_size),
+        "--model.optimization.train_batch_size", str(train_batch_size),
         "--model.optimizer.init_args.lr", "0.0",
         "--trainer.val_check_interval", "10",
         *extra,

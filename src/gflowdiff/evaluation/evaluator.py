@@ -34,6 +34,7 @@ class EvaluationConfig:
         compare_to_pretrained: also sample the pretrained model, twice from independent noise (prior fidelity with
             its floor, target fidelity and the side-by-side grids need it; triples the sampling cost).
         grid_prompts: prompts whose pretrained | fine-tuned grids go to TensorBoard at each evaluation.
+        log_images_every_n_steps: interval of the TensorBoard grid of training samples during ``fit``; 0 disables.
     """
 
     feature_space: FeatureSpace = "auto"
@@ -41,10 +42,13 @@ class EvaluationConfig:
     diversity_distance: Distance = "cosine"
     compare_to_pretrained: bool = True
     grid_prompts: int = 4
+    log_images_every_n_steps: int = 50
 
     def __post_init__(self) -> None:
         if self.grid_prompts < 0:
             raise ValueError("--model.evaluation.grid_prompts must be >= 0")
+        if self.log_images_every_n_steps < 0:
+            raise ValueError("--model.evaluation.log_images_every_n_steps must be >= 0 (0 disables)")
 
 
 @dataclass

@@ -15,8 +15,8 @@ policy under no_grad, so the learned part only corrects a one-step reward estima
 The scalar F_φ reads out the framework's flow head (``--model.flow_head``) by a global mean over its output field:
 a conditional UNet followed by average pooling and the linear map of its (zero-initialised) output layer, the shape of
 DAG's scalar flow network (a UNet trunk with a linear scalar head, docs/method.md §2.5). Reusing the module-built
-head gives it the policy's dimensions, its own optimizer group (``--model.flow_head_lr``), checkpointing, and DDP
-wrapping without any extra machinery, and F_φ = 0 at step 0.
+head gives it the policy's dimensions, its own optimizer group (``--model.optimization.flow_head_lr``),
+checkpointing, and DDP wrapping without any extra machinery, and F_φ = 0 at step 0.
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ class ScalarDBObjective(Objective):
         forward_looking: add β·r(D(x̂0_θ(x_t))) to the learned log-flow (DAG); False learns F_φ alone.
         trust_region_scale: λ, weight of mean‖ε̂_θ(x,t) − ε̂_old(x,t)‖² against the behaviour model's stored CFG
             output (docs/method.md §2.8; DAG uses 1). Its gradient is zero until the policy has moved away from the one
-            that sampled the rollout: it acts with ``--model.off_policy`` or several optimizer steps per rollout.
+            that sampled the rollout: it acts with ``--model.optimization.off_policy`` or several optimizer steps per
+            rollout.
         timestep_fraction: fraction of the T steps trained per trajectory (K = int(T·fraction) + 1 with the terminal).
         low_variance_subsampling: stratify the trained steps over contiguous chunks (docs/method.md §2.10).
         log_prob_reduction: ``mean`` over the state's elements (DAG; the effective reward exponent is then β·C·H·W)

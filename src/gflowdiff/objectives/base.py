@@ -29,9 +29,9 @@ class ObjectiveContext:
 
 class Objective(nn.Module, ABC):
     """A training objective. The LightningModule samples a rollout, calls :meth:`transitions` once, splits the
-    result into chunks of ``--model.train_batch_size`` and backpropagates :meth:`loss` of each chunk, weighted by the
-    chunk's share of the step's transitions. :meth:`loss` must therefore be a mean over the chunk's transitions of
-    per-transition terms: then a step's gradient does not depend on the chunk size.
+    result into chunks of ``--model.optimization.train_batch_size`` and backpropagates :meth:`loss` of each chunk,
+    weighted by the chunk's share of the step's transitions. :meth:`loss` must therefore be a mean over the chunk's
+    transitions of per-transition terms: then a step's gradient does not depend on the chunk size.
 
     Objectives keep any state that must survive a resume (e.g. DDPO's per-prompt statistics) as buffers.
     """

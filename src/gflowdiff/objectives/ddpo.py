@@ -101,8 +101,8 @@ class PromptStatTracker:
 class DDPO(Objective):
     """DDPO with PPO clipping (DDPO_IS): loss = mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))) over the trained steps.
 
-    Set ``--model.optimizer_steps_per_rollout`` to a multiple of ``num_inner_epochs`` (each inner epoch is one pass
-    over the rollout's trained transitions; the framework splits the passes over that many optimizer steps).
+    Set ``--model.optimization.optimizer_steps_per_rollout`` to a multiple of ``num_inner_epochs`` (each inner epoch is
+    one pass over the rollout's trained transitions; the framework splits the passes over that many optimizer steps).
 
     Args:
         clip_range: ε of the clipped importance ratio (DDPO: 1e-4 with ``log_prob_reduction: mean``).

@@ -35,7 +35,7 @@ class ReFL(Objective):
         loss_scale: multiplies the loss (ReFL's ``grad_scale``, 1e-3 for ImageReward).
         reuse_rollout_states: start from the rollout's stored state at step k (exact, and free, when training
             on-policy); False re-samples steps 0..k−1 from the trajectory's initial noise with the current policy
-            (on-policy even with several optimizer steps per rollout or ``--model.off_policy``).
+            (on-policy even with several optimizer steps per rollout or ``--model.optimization.off_policy``).
     """
 
     requires_reward_gradient = True

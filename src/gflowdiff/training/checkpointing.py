@@ -146,7 +146,7 @@ def export_lora(policy: DiffusionPolicy, directory: str | Path) -> Path:
     # peft's key names, which diffusers' loaders read as they are. convert_state_dict_to_diffusers renames only the
     # attention projections (to_q.lora.down ...), and a file mixing both styles loses the LoRA of the other layers
     # (e.g. the digits config's conv1/conv2) on load. safetensors stores only contiguous tensors; with
-    # --model.channels_last, LoRA convolutions are channels-last.
+    # --model.performance.channels_last, LoRA convolutions are channels-last.
     layers = {key: value.contiguous() for key, value in lora_state_with_unit_scale(policy).items()}
     StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, weight_name=LORA_WEIGHT_NAME)
     return directory / LORA_WEIGHT_NAME

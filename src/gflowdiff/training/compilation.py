@@ -30,10 +30,10 @@ UNET_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 def check_compile_options(backend: str, scope: str) -> None:
     """Fail early, naming the option, on an unknown backend or scope."""
     if scope not in ("blocks", "whole"):
-        raise ValueError(f"--model.compile_scope must be blocks or whole, got {scope!r}")
+        raise ValueError(f"--model.performance.compile_scope must be blocks or whole, got {scope!r}")
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:
-        raise ValueError(f"--model.compile_backend: unknown backend {backend!r}; known: {', '.join(known)}")
+        raise ValueError(f"--model.performance.compile_backend: unknown backend {backend!r}; known: {', '.join(known)}")
 
 
 def compile_networks(

@@ -5,12 +5,13 @@ Apart from checkpointing.py, which the module itself imports: this one imports t
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 
 from gflowdiff.training.module import GFlowDiffModule
-from gflowdiff.training.retired_options import migrate_objective
+from gflowdiff.training.retired_options import migrate_module_options, migrate_objective
 
 
 def load_trained_module(path: str | Path, map_location: str = "cpu") -> GFlowDiffModule:
@@ -27,11 +28,16 @@ def load_trained_module(path: str | Path, map_location: str = "cpu") -> GFlowDif
             "ignore", message="Found keys that are in the model state dict but not in the checkpoint"
         )
         warnings.filterwarnings("ignore", message="Attribute '(objective|reward)' is an instance of `nn.Module`")
-        hparams = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
-        overrides = {}
-        if "objective" in hparams:  # options older checkpoints may hold (training/retired_options.py)
-            overrides["objective"] = migrate_objective(hparams["objective"], f"checkpoint {path}")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # options older checkpoints may hold (training/retired_options.py)
+        hparams = migrate_module_options(checkpoint.get("hyper_parameters") or {})
+        if "objective" in hparams:
+            hparams["objective"] = migrate_objective(hparams["objective"], f"checkpoint {path}")
+        checkpoint["hyper_parameters"] = hparams
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        buffer.seek(0)
         module = GFlowDiffModule.load_from_checkpoint(
-            path, map_location=map_location, weights_only=True, strict=False, **overrides
+            buffer, map_location=map_location, weights_only=True, strict=False
         )
     return module.eval()

@@ -19,13 +19,14 @@ def out_of_memory_message(
     same_math = list(objective_options)
     if not compiled:
         same_math.append(
-            "--model.compile true (torch.compile: a much lower peak at SD-1.5 size, docs/performance.md; "
-            "the first steps compile for minutes)"
+            "--model.performance.compile true (torch.compile: a much lower peak at SD-1.5 size, "
+            "docs/performance.md; the first steps compile for minutes)"
         )
     if train_batch_size > 1:
         same_math.append(
-            f"--model.train_batch_size {train_batch_size // 2} (now {train_batch_size}: transitions per backward; "
-            "the chunks accumulate into the same optimizer steps, the same update when they stay equal in size)"
+            f"--model.optimization.train_batch_size {train_batch_size // 2} (now {train_batch_size}: transitions per "
+            "backward; the chunks accumulate into the same optimizer steps, the same update when they stay equal in "
+            "size)"
         )
     other = []
     if frozen_dtype == "float32":

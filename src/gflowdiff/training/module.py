@@ -40,10 +40,10 @@ from gflowdiff.training.checkpointing import (
     trainable_state,
     unlogged_step_metrics,
 )
-from gflowdiff.training.compilation import DEFAULT_BACKEND, CompileScope, check_compile_options, compile_networks
 from gflowdiff.training.data import DeferredPromptBatch
 from gflowdiff.training.memory_hints import out_of_memory_message
-from gflowdiff.training.memory_layout import use_channels_last
+from gflowdiff.training.optimization import OptimizationConfig, cosine_decay
+from gflowdiff.training.performance import PerformanceConfig, apply_performance_options
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -74,34 +74,14 @@ class GFlowDiffModule(L.LightningModule):
         sampler: steps, guidance scale and η of the sampler that defines the policy.
         flow_head: size of the flow head g_φ (built only if the objective uses one).
         optimizer: optimizer for the LoRA group (its lr/weight_decay); the flow head gets its own group.
-        flow_head_lr: learning rate of the flow head group (default: the optimizer's).
-        flow_head_weight_decay: weight decay of the flow head group (default: the optimizer's).
-        train_batch_size: transitions per backward pass.
-        optimizer_steps_per_rollout: optimizer steps that share one rollout (its chunks are split among them).
-        max_grad_norm: gradient-norm clip, applied to each parameter group separately; 0 disables.
-        off_policy: train on the previous rollout while keeping the fresh one (the reference's one-epoch-stale
-            data, docs/method.md §3.4); default: on-policy.
+        optimization: how a rollout becomes optimizer steps: chunk size, steps per rollout, clipping, lr decay, the
+            flow head group's lr, off-policy data, NaN tolerance (training/optimization.py).
+        evaluation: metrics of ``validate``/``test`` and of the validation during ``fit``, image logging
+            (evaluation/evaluator.py).
+        performance: speed and memory options with the same math: compile, channels-last (training/performance.py).
         seed: seed of rollouts and subsampling (offset by the rank on each device).
-        log_images_every_n_steps: interval of the TensorBoard sample grid; 0 disables.
-        max_consecutive_bad_steps: stop the run after this many consecutive steps skipped for NaN/inf rewards,
-            losses or gradients (each one is skipped, counted and logged as ``train/skipped_steps``).
         check_reward_gradient: before training a gradient objective, check on a random image that the reward's
             gradient is finite, non-zero and matches finite differences (catches no_grad/detach/clamp rewards).
-        evaluation: metrics of ``validate``/``test`` and of the validation during ``fit`` (evaluation/evaluator.py).
-        compile: ``torch.compile`` the UNet, VAE decoder, flow head and reward networks (compilation.py); same math.
-            For GPUs: the first steps and the first rollout compile for several minutes at SD-1.5 size
-            (docs/performance.md); on CPU compiling takes far longer. Kernels are cached in
-            ``TORCHINDUCTOR_CACHE_DIR`` for restarts.
-        compile_scope: ``whole`` compiles the UNet as one graph, ``blocks`` its repeated blocks (less compile
-            time; fewer fusions).
-        compile_backend: torch.compile backend; ``aot_eager_decomp_partition`` captures the same graphs without
-            generating code (minutes faster on CPU; for checking that a setup compiles, not for speed).
-        lr_decay: ``none`` (a constant learning rate, the reference's) or ``cosine``: every group's learning rate
-            follows ½(1 + cos(π·s/S)) over the S = max_steps × optimizer_steps_per_rollout optimizer steps of the run
-            (needs ``--trainer.max_steps``). Once the flow is fixed (``flow_head_fit: value``) the policy's loss is a
-            plain stochastic regression, whose last iterates a decaying step size averages.
-        channels_last: store the convolution weights of the UNet, VAE, flow head and reward channels-last
-            (memory_layout.py); same math, 1–8 % faster steps on CPU (measured; not yet measured on GPU).
     """
 
     def __init__(
@@ -115,51 +95,23 @@ class GFlowDiffModule(L.LightningModule):
         sampler: SamplerConfig = SamplerConfig(),  # noqa: B008
         flow_head: FlowHeadConfig = FlowHeadConfig(),  # noqa: B008
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        flow_head_lr: float | None = None,
-        flow_head_weight_decay: float | None = None,
-        train_batch_size: int = 4,
-        optimizer_steps_per_rollout: int = 1,
-        max_grad_norm: float = 1.0,
-        off_policy: bool = False,
-        seed: int = 0,
-        log_images_every_n_steps: int = 50,
-        max_consecutive_bad_steps: int = 3,
-        check_reward_gradient: bool = True,
+        optimization: OptimizationConfig = OptimizationConfig(),  # noqa: B008
         evaluation: EvaluationConfig = EvaluationConfig(),  # noqa: B008
-        compile: bool = False,
-        compile_scope: CompileScope = "whole",
-        compile_backend: str = DEFAULT_BACKEND,
-        channels_last: bool = False,
-        lr_decay: Literal["none", "cosine"] = "none",
+        performance: PerformanceConfig = PerformanceConfig(),  # noqa: B008
+        seed: int = 0,
+        check_reward_gradient: bool = True,
     ):
         super().__init__()
-        if lr_decay not in ("none", "cosine"):
-            raise ValueError(f"--model.lr_decay must be none or cosine, got {lr_decay!r}")
-        self.lr_decay = lr_decay
-        if train_batch_size < 1:
-            raise ValueError("--model.train_batch_size must be >= 1")
-        if optimizer_steps_per_rollout < 1:
-            raise ValueError("--model.optimizer_steps_per_rollout must be >= 1")
-        if max_grad_norm < 0:
-            raise ValueError("--model.max_grad_norm must be >= 0")
         objective.check_compatible(reward)  # before any heavy loading
-        if compile:
-            check_compile_options(compile_backend, compile_scope)
         self.save_hyperparameters(ignore=["optimizer"])
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trainable state (checkpointing.py)
 
         self.objective, self.reward, self.sampler = objective, reward, sampler
         self.optimizer_factory = optimizer
-        self.flow_head_lr, self.flow_head_weight_decay = flow_head_lr, flow_head_weight_decay
-        self.train_batch_size, self.optimizer_steps_per_rollout = train_batch_size, optimizer_steps_per_rollout
-        self.max_grad_norm, self.off_policy, self.seed = max_grad_norm, off_policy, seed
-        self.log_images_every_n_steps = log_images_every_n_steps
-        if max_consecutive_bad_steps < 1:
-            raise ValueError("--model.max_consecutive_bad_steps must be >= 1")
-        self.max_consecutive_bad_steps = max_consecutive_bad_steps
+        self.optimization, self.evaluation, self.performance = optimization, evaluation, performance
+        self.seed = seed
         self.check_reward_gradient = check_reward_gradient
-        self.evaluation = evaluation
         self.evaluator: Evaluator | None = None  # built at the first evaluation (it may load a feature model)
         self.skipped_steps = 0
         self.bad_steps_in_a_row = 0
@@ -170,10 +122,7 @@ class GFlowDiffModule(L.LightningModule):
         if objective.uses_flow_head:
             kind = getattr(objective, "flow_head_kind", "score")
             self.flow_head = ValueFlowHead(*dims) if kind == "value" else FlowHead(flow_head, *dims)
-        if channels_last:  # before compiling: the compiled graphs see the final layout
-            use_channels_last(self.policy, self.flow_head, self.reward)
-        if compile:
-            compile_networks(self.policy, self.flow_head, self.reward, backend=compile_backend, scope=compile_scope)
+        apply_performance_options(performance, self.policy, self.flow_head, self.reward)
         self.trainable_names = {name for name, p in self.named_parameters() if p.requires_grad}
         self.rollouts_done = 0
         self.rollout_buffer: Rollout | None = None
@@ -186,21 +135,22 @@ class GFlowDiffModule(L.LightningModule):
         groups: list[dict[str, Any]] = [{"params": self.policy.lora_parameters(), "name": "lora"}]
         if self.flow_head is not None:
             flow_group: dict[str, Any] = {"params": list(self.flow_head.parameters()), "name": "flow_head"}
-            if self.flow_head_lr is not None:
-                flow_group["lr"] = self.flow_head_lr
-            if self.flow_head_weight_decay is not None:
-                flow_group["weight_decay"] = self.flow_head_weight_decay
+            if self.optimization.flow_head_lr is not None:
+                flow_group["lr"] = self.optimization.flow_head_lr
+            if self.optimization.flow_head_weight_decay is not None:
+                flow_group["weight_decay"] = self.optimization.flow_head_weight_decay
             groups.append(flow_group)
         optimizer = self.optimizer_factory(groups)
-        if self.lr_decay == "none" or self._trainer is None:  # no trainer: a parameter-group check (cli.py)
+        if (
+            self.optimization.lr_decay == "none" or self._trainer is None
+        ):  # no trainer: a parameter-group check (cli.py)
             return optimizer
         max_steps = self.trainer.max_steps
         if max_steps is None or max_steps <= 0:
-            raise ValueError("--model.lr_decay cosine needs --trainer.max_steps (the length of the schedule)")
-        total = max_steps * self.optimizer_steps_per_rollout
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-        )
+            raise ValueError(
+                "--model.optimization.lr_decay cosine needs --trainer.max_steps (the length of the schedule)"
+            )
+        schedule = cosine_decay(optimizer, max_steps * self.optimization.optimizer_steps_per_rollout)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---- training ----------------------------------------------------------------------------------------------
@@ -223,8 +173,8 @@ class GFlowDiffModule(L.LightningModule):
                 out_of_memory_message(
                     error,
                     self.objective.memory_options(),
-                    compiled=self.hparams["compile"],
-                    train_batch_size=self.train_batch_size,
+                    compiled=self.performance.compile,
+                    train_batch_size=self.optimization.train_batch_size,
                     trajectories=len(prompts),
                     frozen_dtype=self.hparams["frozen_dtype"],
                 )
@@ -253,14 +203,14 @@ class GFlowDiffModule(L.LightningModule):
         rollout_seconds = time.perf_counter() - started
         self.last_rollout_summary = {"prompts": rollout.prompts, "rewards": rollout.rewards.cpu()}
         self.log_rollout(rollout)
-        if self.off_policy:
+        if self.optimization.off_policy:
             rollout, self.rollout_buffer = self.rollout_buffer, rollout
             if rollout is None:  # the first rollout only fills the buffer, as in the reference
                 return
 
         transitions = self.objective.transitions(rollout, generator)
-        chunks = transitions.split(self.train_batch_size)
-        groups = split_into_steps(chunks, self.optimizer_steps_per_rollout)
+        chunks = transitions.split(self.optimization.train_batch_size)
+        groups = split_into_steps(chunks, self.optimization.optimizer_steps_per_rollout)
         optimizer = self.optimizers()
         context = self.context(generator)
         totals: dict[str, float] = {}
@@ -275,7 +225,7 @@ class GFlowDiffModule(L.LightningModule):
             transitions_in_step = sum(len(chunk) for chunk in group)
             for index, chunk in enumerate(group):
                 # Each chunk's loss is a mean over its transitions; weighted by its share of the step's transitions,
-                # the step's loss is the mean over all of them, whatever --model.train_batch_size (a memory knob).
+                # the step's loss is the mean over all of them, whatever the chunk size (a memory knob).
                 share = len(chunk) / transitions_in_step
                 with self.gradient_sync(enabled=index == len(group) - 1):  # DDP all-reduces once per step
                     output = self.objective.loss(chunk, context)
@@ -322,12 +272,12 @@ class GFlowDiffModule(L.LightningModule):
         self.bad_steps_in_a_row += 1
         rank_zero_warn(f"skipping a step ({self.bad_steps_in_a_row} in a row): {reason}")
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
-        if self.bad_steps_in_a_row >= self.max_consecutive_bad_steps:
+        if self.bad_steps_in_a_row >= self.optimization.max_consecutive_bad_steps:
             raise FloatingPointError(
                 f"{self.bad_steps_in_a_row} consecutive steps had NaN/inf values (last: {reason}). Likely causes: a "
                 f"reward that fails on some images (--model.reward), a learning rate too high for this reward scale "
                 f"(--model.optimizer.init_args.lr, --model.objective.init_args.reward_scale), or fp16 overflow "
-                f"(--trainer.precision). Raise --model.max_consecutive_bad_steps to tolerate more."
+                f"(--trainer.precision). Raise --model.optimization.max_consecutive_bad_steps to tolerate more."
             )
 
     def clip_gradients_per_group(self, optimizer) -> dict[str, float]:
@@ -337,7 +287,7 @@ class GFlowDiffModule(L.LightningModule):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+            max_norm = self.optimization.max_grad_norm or float("inf")
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             norms[f"grad_norm/{group.get('name', 'group')}"] = float(norm)
         return norms
@@ -352,7 +302,7 @@ class GFlowDiffModule(L.LightningModule):
         for name, values in getattr(self.reward, "last_terms", {}).items():  # WeightedSum: each term on its own
             self.log(f"reward/{name}", values.float().mean(), batch_size=batch, sync_dist=True)
         step = self.global_step
-        every = self.log_images_every_n_steps
+        every = self.evaluation.log_images_every_n_steps
         if every and step % every == 0 and self.global_rank == 0:
             self.log_image("samples/train", rollout.images, step)
             experiment = getattr(self.logger, "experiment", None)

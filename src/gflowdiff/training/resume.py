@@ -22,6 +22,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.utilities import rank_zero_info
 
 from gflowdiff.training.checkpointing import newest_checkpoint
+from gflowdiff.training.retired_options import migrate_module_options
 
 # The model settings a checkpoint's trainable tensors are made for (dotted keys under ``model``).
 FROZEN_SETTINGS = ("pretrained_model", "revision", "objective.class_path", "lora.rank", "lora.alpha",
@@ -161,7 +162,7 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any], keys: Itera
 def check_checkpoint_settings(model_config: Namespace, checkpoint: dict[str, Any], path: Path) -> None:
     """Raise when the checkpoint was made with other :data:`FROZEN_SETTINGS`; name the other settings that differ
     (the user's values are used)."""
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    hparams = migrate_module_options(checkpoint.get("hyper_parameters") or {})  # older checkpoints' flat options
     hparams.pop("_instantiator", None)
     if not hparams:
         return

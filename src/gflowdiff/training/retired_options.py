@@ -1,7 +1,9 @@
-"""Options gflowdiff no longer has, as they appear in the hyperparameters of older checkpoints.
+"""Options gflowdiff no longer has, or has moved, as they appear in older checkpoints and configs.
 
 A checkpoint made with a retired option at a value that changes nothing still loads (the option is dropped); one
-made with a value whose behaviour is gone is refused with a message naming the option.
+made with a value whose behaviour is gone is refused with a message naming the option. Module options that moved into
+a group (``--model.train_batch_size`` → ``--model.optimization.train_batch_size``) are moved back into place when a
+checkpoint loads; a config or command line that still uses the old name is refused with the new one (cli.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,47 @@ RETIRED_OBJECTIVE_OPTIONS: dict[str, tuple[Any, str]] = {
 RENAMED_OBJECTIVE_VALUES: dict[str, dict[Any, Any]] = {
     "pass_structure": {"reference": "fused"},  # the reference structure is now the tests' oracle: the same loss
 }
+
+
+# module option (flat until December 2026) → the group that holds it now
+MOVED_MODULE_OPTIONS: dict[str, str] = {
+    **dict.fromkeys(
+        [
+            "train_batch_size",
+            "optimizer_steps_per_rollout",
+            "max_grad_norm",
+            "lr_decay",
+            "flow_head_lr",
+            "flow_head_weight_decay",
+            "off_policy",
+            "max_consecutive_bad_steps",
+        ],
+        "optimization",
+    ),
+    **dict.fromkeys(["compile", "compile_scope", "compile_backend", "channels_last"], "performance"),
+    "log_images_every_n_steps": "evaluation",
+}
+
+
+def migrate_module_options(hparams: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's module hyperparameters with the flat options of older versions moved into their groups (a
+    copy; the groups' other options keep their defaults)."""
+    migrated = {key: value for key, value in hparams.items() if key not in MOVED_MODULE_OPTIONS}
+    for option, group in MOVED_MODULE_OPTIONS.items():
+        if option in hparams:
+            migrated[group] = {**(migrated.get(group) or {}), option: hparams[option]}
+    return migrated
+
+
+def moved_option_messages(model_options: Any, where: str, prefix: str = "model.") -> list[str]:
+    """One line per old flat option among a config's ``model:`` options (``where`` names the file or flag)."""
+    if not isinstance(model_options, dict):
+        return []
+    return [
+        f"{where}: {prefix}{option} is now {prefix}{group}.{option}"
+        for option, group in MOVED_MODULE_OPTIONS.items()
+        if option in model_options
+    ]
 
 
 def migrate_objective(objective: Any, source: str) -> Any:
