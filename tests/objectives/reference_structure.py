@@ -58,8 +58,9 @@ def reference_structure_residuals(
     policy_rev = None
     if need_reverse:
         policy_rev = reverse_score(at_x.x, chunk.x_next, at_x.mean, std)
-    guess_next, _ = objective.guess_next_gradient(chunk, ctx, abar_prev)  # while the x graph is alive, as the reference
-    flow_next, g_terminal = objective.flow_from_guess_next(chunk, guess_next, ctx, abar_prev)
+    step = ctx.policy.transition_step(chunk.t, chunk.t_prev, ctx.sampler.eta)
+    guess_next, _ = objective.guess_next_gradient(chunk, ctx, step)  # while the x graph is alive, as the reference
+    flow_next, g_terminal = objective.flow_from_guess_next(chunk, guess_next, ctx, step)
     flow_cur = flow_score_current(objective, chunk, at_x, abar_t, ctx) if need_reverse else None
     forward_residual, reverse_residual = nabla_db_residuals(
         at_x.forward_score, prior.forward, flow_next, policy_rev, prior.reverse, flow_cur
@@ -71,8 +72,9 @@ def reference_loss(objective, chunk: Transitions, ctx: ObjectiveContext) -> Obje
     """``objective.loss(chunk, ctx)`` computed with the reference code's passes."""
     abar_t, abar_prev = ctx.policy.alpha_bar(chunk.t), ctx.policy.alpha_bar(chunk.t_prev)
     std = ddim_std(abar_t, abar_prev, ctx.sampler.eta)
-    prior = objective.prior_scores(chunk, ctx, std, abar_t, abar_prev)
-    at_x = objective.policy_pass(chunk, ctx, abar_t, abar_prev, std)
+    step = ctx.policy.transition_step(chunk.t, chunk.t_prev, ctx.sampler.eta)
+    prior = objective.prior_scores(chunk, ctx, step)
+    at_x = objective.policy_pass(chunk, ctx, step)
     forward, reverse, flow_next, g_terminal = reference_structure_residuals(
         objective, chunk, ctx, at_x, std, abar_t, abar_prev, prior
     )

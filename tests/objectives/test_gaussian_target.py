@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from gflowdiff.diffusion.math import alpha_bar, ddim_mean, ddim_std, previous_timesteps
+from gflowdiff.diffusion.policy import DiffusionPolicy
 from gflowdiff.diffusion.sampling import SamplerConfig, sample_rollout
 from gflowdiff.objectives import ObjectiveContext, ResidualNablaDB
 from gflowdiff.objectives.gradient_db.math import guess_weight
@@ -120,6 +121,8 @@ class GaussianPolicy(nn.Module):
 
     def alpha_bar(self, timesteps: Tensor) -> Tensor:
         return alpha_bar(self.alphas_cumprod, timesteps, self.final_alpha_cumprod)
+
+    transition_step = DiffusionPolicy.transition_step  # DDIM-η on this ᾱ, as the real policy's steps
 
     def encode_prompts(self, prompts: list[str]) -> Tensor:
         return torch.zeros(len(prompts), 1, 1)

@@ -20,6 +20,7 @@ One step: ``mean = kernel.mean(x, output, time, time_next)``, ``std = kernel.std
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -199,3 +200,43 @@ class EulerODE(TransitionKernel):
 
 def _upcast(x: Tensor) -> Tensor:
     return x.to(flow_math.compute_dtype(x))
+
+
+@dataclass(frozen=True)
+class TransitionStep:
+    """One sampler step of a batch of transitions x → x': the kernel, its per-sample step times (for
+    :class:`DDPMKernel` ᾱ_t and ᾱ_{t−Δ}) and σ, computed once. The objectives pass this one bundle around instead of
+    (σ, ᾱ_t, ᾱ_prev) in varying orders."""
+
+    kernel: TransitionKernel
+    time: Tensor  # (B,) of the state x
+    time_next: Tensor  # (B,) of x'
+    std: Tensor  # (B,)
+
+    @classmethod
+    def of(cls, kernel: TransitionKernel, time: Tensor, time_next: Tensor) -> TransitionStep:
+        return cls(kernel, time, time_next, kernel.std(time, time_next))
+
+    def mean(self, x: Tensor, output: Tensor) -> Tensor:
+        """μ(x) of P_F(x'|x) from the model's output at x."""
+        return self.kernel.mean(x, output, self.time, self.time_next)
+
+    def x0(self, x: Tensor, output: Tensor) -> Tensor:
+        """x̂0 from the state x and the model's output there."""
+        return self.kernel.x0(x, output, self.time)
+
+    def x0_next(self, x_next: Tensor, output: Tensor, rows: Tensor | None = None) -> Tensor:
+        """x̂0 from x' (at ``time_next``) and the model's output there; ``rows``: x' holds only these rows."""
+        return self.kernel.x0(x_next, output, self.time_next if rows is None else self.time_next[rows])
+
+    def log_prob(self, x_next: Tensor, mean: Tensor) -> Tensor:
+        return self.kernel.log_prob(x_next, mean, self.std)
+
+    def forward_score(self, x_next: Tensor, mean: Tensor) -> Tensor:
+        return self.kernel.forward_score(x_next, mean, self.std)
+
+    def reverse_score(self, x: Tensor, x_next: Tensor, mean: Tensor) -> Tensor:
+        return self.kernel.reverse_score(x, x_next, mean, self.std)
+
+    def backward_scores(self, x: Tensor, x_next: Tensor) -> tuple[Tensor, Tensor]:
+        return self.kernel.backward_scores(x, x_next, self.time, self.time_next)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from gflowdiff.diffusion.adapter_rows import LoraRowMask, all_rows
+from gflowdiff.diffusion.kernels import DDPMKernel, TransitionStep
 from gflowdiff.diffusion.math import alpha_bar, epsilon_from_model_output
 
 EMBEDDED_MODELS = {"embedded:digits": "zoo/weights/digits"}  # under the gflowdiff package
@@ -248,6 +249,10 @@ class DiffusionPolicy(nn.Module):
 
     def alpha_bar(self, timesteps: Tensor) -> Tensor:
         return alpha_bar(self.alphas_cumprod, timesteps, self.final_alpha_cumprod)
+
+    def transition_step(self, t: Tensor, t_prev: Tensor, eta: float) -> TransitionStep:
+        """The sampler steps t → t_prev (per-sample (B,) timesteps) as the objectives see them: DDIM-η on ᾱ."""
+        return TransitionStep.of(DDPMKernel(eta), self.alpha_bar(t), self.alpha_bar(t_prev))
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Tensor:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gflowdiff.diffusion.math import ddim_mean, gaussian_log_prob, per_sample, predicted_x0
+from gflowdiff.diffusion.kernels import TransitionStep
+from gflowdiff.diffusion.math import per_sample
 from gflowdiff.diffusion.types import Transitions
 from gflowdiff.objectives.base import ObjectiveContext
 from gflowdiff.objectives.gradient_db.scores import PassOwner
@@ -48,9 +49,7 @@ def stacked_passes(
     objective: PassOwner,
     chunk: Transitions,
     ctx: ObjectiveContext,
-    std: Tensor,
-    abar_t: Tensor,
-    abar_prev: Tensor,
+    step: TransitionStep,
     source: Tensor | None,
 ) -> StackedPasses:
     """One UNet forward on the stacked rows and one backward for their input gradients (see the module docstring).
@@ -87,10 +86,8 @@ def stacked_passes(
         eps_policy = parts.pop(0)
         eps_next = parts.pop(0) if parts else None
 
-        policy_mean = ddim_mean(x, eps_policy, abar_t, abar_prev, std)
-        pretrained_mean = (
-            None if eps_pretrained is None else ddim_mean(x_pretrained, eps_pretrained, abar_t, abar_prev, std)
-        )
+        policy_mean = step.mean(x, eps_policy)
+        pretrained_mean = None if eps_pretrained is None else step.mean(x_pretrained, eps_pretrained)
 
         # Σ of every scalar whose input gradient is wanted; rows never mix, so one backward separates them
         total = x.new_zeros(())
@@ -98,20 +95,18 @@ def stacked_passes(
         if objective.needs_guess_next(chunk):
             x0_next = x_next
             if eps_next is not None:
-                x0_next = x_next.index_put(
-                    (guess_rows,), predicted_x0(x_next[guess_rows], eps_next, abar_prev[guess_rows])
-                )
+                x0_next = x_next.index_put((guess_rows,), step.x0_next(x_next[guess_rows], eps_next, guess_rows))
             pullback_next = objective.reward_pullback(x0_next, chunk.prompts, ctx)  # ∇_{x̂0} r: VAE decoder + reward
             total = total + (x0_next * pullback_next).sum()
         if need_reverse:
-            total = total + gaussian_log_prob(chunk.x_next, policy_mean, std).sum()
+            total = total + step.log_prob(chunk.x_next, policy_mean).sum()
             if pretrained_mean is not None:
-                total = total + gaussian_log_prob(chunk.x_next, pretrained_mean, std).sum()
+                total = total + step.log_prob(chunk.x_next, pretrained_mean).sum()
             if objective.guesses_reward_at_x:
-                x0 = predicted_x0(x, eps_policy, abar_t)
+                x0 = step.x0(x, eps_policy)
                 shared = pullback_next[source] if source is not None and len(source) else None
                 cotangent = objective.reward_pullback_at_x(x0, chunk.prompts, ctx, shared)
-                total = total + (per_sample(objective.reward_guess_scale(abar_t), x0) * x0 * cotangent).sum()
+                total = total + (per_sample(objective.reward_guess_scale(step.time), x0) * x0 * cotangent).sum()
 
         wanted = [leaf for leaf in (x, x_next, x_pretrained) if leaf.requires_grad]
         gradients = [None] * len(wanted)

@@ -5,9 +5,7 @@ Paper: arXiv 2412.07775 (Liu et al., ICLR 2025), its Eq. 7 (numbering from a sec
 
 from __future__ import annotations
 
-from torch import Tensor
-
-from gflowdiff.diffusion.math import backward_kernel_scores
+from gflowdiff.diffusion.kernels import TransitionStep
 from gflowdiff.diffusion.types import Transitions
 from gflowdiff.objectives.base import ObjectiveContext
 from gflowdiff.objectives.gradient_db.objective import GradientDBObjective
@@ -36,8 +34,6 @@ class NablaDB(GradientDBObjective):
         reward_chunk_size: VAE decoder + reward passes on at most this many images at a time (less memory).
     """
 
-    def prior_scores(
-        self, chunk: Transitions, ctx: ObjectiveContext, std: Tensor, abar_t: Tensor, abar_prev: Tensor
-    ) -> Scores:
-        forward, reverse = backward_kernel_scores(chunk.x, chunk.x_next, abar_t, abar_prev)
+    def prior_scores(self, chunk: Transitions, ctx: ObjectiveContext, step: TransitionStep) -> Scores:
+        forward, reverse = step.backward_scores(chunk.x, chunk.x_next)  # P_B's scores
         return Scores(forward=forward, reverse=reverse if self.reverse_loss_scale > 0 else None)

@@ -18,13 +18,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from gflowdiff.diffusion.kernels import TransitionStep
 from gflowdiff.diffusion.math import (
-    ddim_mean,
-    ddim_std,
-    forward_score,
-    gaussian_log_prob,
     per_sample,
-    predicted_x0,
 )
 from gflowdiff.diffusion.sampling import sample_rollout
 from gflowdiff.diffusion.types import ObjectiveOutput, Rollout, Transitions
@@ -306,9 +302,9 @@ class GradientDBObjective(Objective):
             return None
         batch, count = rollout.batch_size, rollout.num_steps - 1
         timesteps = rollout.timesteps[1:].repeat(batch)  # x_j is the state before sampler step j
-        abar_t = ctx.policy.alpha_bar(rollout.timesteps[:-1])  # the step into x_j starts at t_{j−1}
-        abar_prev = ctx.policy.alpha_bar(rollout.prev_timesteps[:-1])
-        std = ddim_std(abar_t, abar_prev, ctx.sampler.eta).repeat(batch)
+        # the step into x_j starts at t_{j−1}
+        step = ctx.policy.transition_step(rollout.timesteps[:-1], rollout.prev_timesteps[:-1], ctx.sampler.eta)
+        std = step.std.repeat(batch)
         embeds = rollout.prompt_embeds.repeat_interleave(count, dim=0)
         g = ctx.flow_head(rollout.latents[:, 1:-1].flatten(0, 1), timesteps, embeds)
         residual = per_sample(transition_weight(std, self.transition_weighting), g) * (
@@ -326,20 +322,20 @@ class GradientDBObjective(Objective):
         )
 
     @abstractmethod
-    def prior_scores(
-        self, chunk: Transitions, ctx: ObjectiveContext, std: Tensor, abar_t: Tensor, abar_prev: Tensor
-    ) -> Scores:
+    def prior_scores(self, chunk: Transitions, ctx: ObjectiveContext, step: TransitionStep) -> Scores:
         """Scores of the prior the policy's residual is measured against (reverse is None when w_B = 0)."""
 
     def prior_from_pretrained_pass(
-        self, chunk: Transitions, std: Tensor, mean: Tensor, reverse: Tensor | None
+        self, chunk: Transitions, step: TransitionStep, mean: Tensor, reverse: Tensor | None
     ) -> Scores:
         """The prior's scores from the pretrained pass μ_#(x) and its reverse score, computed by the stacked passes
         (only where ``stacks_pretrained_pass``)."""
         raise NotImplementedError(f"{type(self).__name__} has no pretrained pass")
 
     # ---- flow scores --------------------------------------------------------------------------------------------
-    def guess_point_next(self, chunk: Transitions, ctx: ObjectiveContext, abar_prev: Tensor) -> tuple[Tensor, Tensor]:
+    def guess_point_next(
+        self, chunk: Transitions, ctx: ObjectiveContext, step: TransitionStep
+    ) -> tuple[Tensor, Tensor]:
         """(x' as a leaf requiring grad, the point whose reward is differentiated): x̂0_θ(x', t−Δ) on non-terminal
         rows (one policy pass, LoRA on, with CFG), x' itself on terminal rows (the exact terminal condition)."""
         terminal = chunk.is_terminal
@@ -354,20 +350,20 @@ class GradientDBObjective(Objective):
                 chunk.negative_embeds[rows],
                 ctx.sampler.guidance_scale,
             )
-            x0_hat = x_next.index_put((rows,), predicted_x0(x_next[rows], eps, abar_prev[rows]))
+            x0_hat = x_next.index_put((rows,), step.x0_next(x_next[rows], eps, rows))
         return x_next, x0_hat
 
     def needs_guess_next(self, chunk: Transitions) -> bool:
         return bool(chunk.is_terminal.any()) or self.reward_guess_weighting != "off"
 
     def flow_from_guess_next(
-        self, chunk: Transitions, guess: Tensor, ctx: ObjectiveContext, abar_prev: Tensor
+        self, chunk: Transitions, guess: Tensor, ctx: ObjectiveContext, step: TransitionStep
     ) -> tuple[Tensor, Tensor]:
         """∇_{x'} log F(x') from ∇_{x'} r at the guess point: β·∇r(x_T) on terminal rows (γ = 1, the paper's
         terminal condition; the reference multiplies by ᾱ_0 ≈ 0.999), else g_φ(x', t−Δ) + β·γ·∇_{x'} r(D(x̂0)).
         Returns (flow score, g_φ(x') on the terminal rows for the terminal loss; never detached)."""
         terminal = chunk.is_terminal
-        gamma = per_sample(guess_weight(abar_prev, self.reward_guess_weighting), guess)
+        gamma = per_sample(guess_weight(step.time_next, self.reward_guess_weighting), guess)  # γ(ᾱ_{t−Δ})
         weight = torch.where(per_sample(terminal, guess).bool(), torch.ones_like(gamma), gamma)
         flow = self.reward_scale * weight * guess
         g_terminal = guess.new_zeros(0)
@@ -380,7 +376,7 @@ class GradientDBObjective(Objective):
         return flow, g_terminal
 
     def guess_next_gradient(
-        self, chunk: Transitions, ctx: ObjectiveContext, abar_prev: Tensor
+        self, chunk: Transitions, ctx: ObjectiveContext, step: TransitionStep
     ) -> tuple[Tensor, Tensor]:
         """(∇_{x'} r, ∇_{x̂0} r) at the guess point (x̂0_θ(x', t−Δ), or x_T on terminal rows). The VAE-decoder +
         reward backward gives the second, a VJP through the x' pass maps it to the first: the chain rule in two
@@ -390,7 +386,7 @@ class GradientDBObjective(Objective):
             zeros = torch.zeros_like(chunk.x_next)
             return zeros, zeros
         with torch.enable_grad():
-            x_next, x0_hat = self.guess_point_next(chunk, ctx, abar_prev)
+            x_next, x0_hat = self.guess_point_next(chunk, ctx, step)
             pullback = self.reward_pullback(x0_hat, chunk.prompts, ctx)
             (gradient,) = torch.autograd.grad((x0_hat * pullback).sum(), x_next)
         return gradient.detach(), pullback
@@ -400,8 +396,7 @@ class GradientDBObjective(Objective):
         chunk: Transitions,
         ctx: ObjectiveContext,
         at_x: PolicyPass,
-        std: Tensor,
-        abar_t: Tensor,
+        step: TransitionStep,
         pullback: Tensor | None = None,
     ) -> Tensor:
         """∇_x [log P_F(x'|x) + β·γ_t·r(D(x̂0_θ(x, t)))] = the policy's reverse score + the reward part of ∇_x log F,
@@ -412,11 +407,11 @@ class GradientDBObjective(Objective):
         """
         x = at_x.x
         with torch.enable_grad():
-            total = gaussian_log_prob(chunk.x_next, at_x.mean, std).sum()  # x' is the stored constant
+            total = step.log_prob(chunk.x_next, at_x.mean).sum()  # x' is the stored constant
             if self.guesses_reward_at_x:
-                x0_hat = predicted_x0(x, at_x.eps, abar_t)
+                x0_hat = step.x0(x, at_x.eps)
                 cotangent = self.reward_pullback_at_x(x0_hat, chunk.prompts, ctx, pullback)
-                total = total + (per_sample(self.reward_guess_scale(abar_t), x0_hat) * x0_hat * cotangent).sum()
+                total = total + (per_sample(self.reward_guess_scale(step.time), x0_hat) * x0_hat * cotangent).sum()
             (gradient,) = torch.autograd.grad(total, x, retain_graph=True)
         return gradient.detach()
 
@@ -446,55 +441,40 @@ class GradientDBObjective(Objective):
                 gradients.append(gradient.detach())
         return torch.cat(gradients) if gradients else torch.zeros_like(x0_hat)
 
-    def policy_pass(
-        self, chunk: Transitions, ctx: ObjectiveContext, abar_t: Tensor, abar_prev: Tensor, std: Tensor
-    ) -> PolicyPass:
+    def policy_pass(self, chunk: Transitions, ctx: ObjectiveContext, step: TransitionStep) -> PolicyPass:
         """ε̂_θ(x, t) with LoRA on; x requires grad for the reverse score and the reward guess at x."""
         x = chunk.x.detach().requires_grad_(True)
         eps = ctx.policy.predict_noise(
             x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, ctx.sampler.guidance_scale
         )
-        mean = ddim_mean(x, eps, abar_t, abar_prev, std)
-        return PolicyPass(x, eps, mean, forward_score(chunk.x_next, mean, std))
+        mean = step.mean(x, eps)
+        return PolicyPass(x, eps, mean, step.forward_score(chunk.x_next, mean))
 
     def fused_structure_scores(
-        self,
-        chunk: Transitions,
-        ctx: ObjectiveContext,
-        std: Tensor,
-        abar_t: Tensor,
-        abar_prev: Tensor,
-        source: Tensor | None,
+        self, chunk: Transitions, ctx: ObjectiveContext, step: TransitionStep, source: Tensor | None
     ) -> tuple[Scores, PolicyPass, Tensor, Tensor | None]:
         """(prior scores, policy pass at x, ∇_{x'} r at the guess point, policy reverse score + reward guess at x).
         The x' pass runs first and is freed, so only one UNet graph and one VAE graph are alive at a time."""
-        prior = self.prior_scores(chunk, ctx, std, abar_t, abar_prev)
-        guess_next, pullback_next = self.guess_next_gradient(chunk, ctx, abar_prev)
-        at_x = self.policy_pass(chunk, ctx, abar_t, abar_prev, std)
+        prior = self.prior_scores(chunk, ctx, step)
+        guess_next, pullback_next = self.guess_next_gradient(chunk, ctx, step)
+        at_x = self.policy_pass(chunk, ctx, step)
         if self.reverse_loss_scale == 0:
             return prior, at_x, guess_next, None
         # x of the first rows is x' of rows source: their VAE-decoder + reward backward is already done
         pullback = pullback_next[source] if source is not None and len(source) else None
-        return prior, at_x, guess_next, self.reverse_score_plus_guess(chunk, ctx, at_x, std, abar_t, pullback)
+        return prior, at_x, guess_next, self.reverse_score_plus_guess(chunk, ctx, at_x, step, pullback)
 
     def stacked_structure_scores(
-        self,
-        chunk: Transitions,
-        ctx: ObjectiveContext,
-        std: Tensor,
-        abar_t: Tensor,
-        abar_prev: Tensor,
-        source: Tensor | None,
+        self, chunk: Transitions, ctx: ObjectiveContext, step: TransitionStep, source: Tensor | None
     ) -> tuple[Scores, PolicyPass, Tensor, Tensor | None]:
         """The same four as :meth:`fused_structure_scores`, from one stacked UNet forward and backward."""
-        passes = stacked_passes(self, chunk, ctx, std, abar_t, abar_prev, source)
+        passes = stacked_passes(self, chunk, ctx, step, source)
         if self.stacks_pretrained_pass:
-            prior = self.prior_from_pretrained_pass(chunk, std, passes.pretrained_mean, passes.pretrained_reverse)
+            prior = self.prior_from_pretrained_pass(chunk, step, passes.pretrained_mean, passes.pretrained_reverse)
         else:
-            prior = self.prior_scores(chunk, ctx, std, abar_t, abar_prev)
-        at_x = PolicyPass(
-            passes.x, passes.policy_eps, passes.policy_mean, forward_score(chunk.x_next, passes.policy_mean, std)
-        )
+            prior = self.prior_scores(chunk, ctx, step)
+        forward = step.forward_score(chunk.x_next, passes.policy_mean)
+        at_x = PolicyPass(passes.x, passes.policy_eps, passes.policy_mean, forward)
         return prior, at_x, passes.guess_next, passes.reverse_plus_guess
 
     # ---- loss ---------------------------------------------------------------------------------------------------
@@ -508,13 +488,11 @@ class GradientDBObjective(Objective):
             if len(source):
                 # The loss is a mean over rows: reordering them changes nothing but puts the shared states first.
                 chunk = chunk.select(order)
-        policy, sampler = ctx.policy, ctx.sampler
-        abar_t, abar_prev = policy.alpha_bar(chunk.t), policy.alpha_bar(chunk.t_prev)
-        std = ddim_std(abar_t, abar_prev, sampler.eta)
+        step = ctx.policy.transition_step(chunk.t, chunk.t_prev, ctx.sampler.eta)
         stacked = self.pass_structure == "stacked"
         structure_scores = self.stacked_structure_scores if stacked else self.fused_structure_scores
-        prior, at_x, guess_next, policy_rev_plus_guess = structure_scores(chunk, ctx, std, abar_t, abar_prev, source)
-        flow_next, g_terminal = self.flow_from_guess_next(chunk, guess_next, ctx, abar_prev)
+        prior, at_x, guess_next, policy_rev_plus_guess = structure_scores(chunk, ctx, step, source)
+        flow_next, g_terminal = self.flow_from_guess_next(chunk, guess_next, ctx, step)
         g_cur = None
         if policy_rev_plus_guess is not None:
             # flow_cur = g_φ(x) + β·γ_t·∇_x r: its reward part is already in policy_rev_plus_guess (docs/method.md §2.3)
@@ -522,7 +500,7 @@ class GradientDBObjective(Objective):
         forward_residual, reverse_residual = nabla_db_residuals(
             at_x.forward_score, prior.forward, flow_next, policy_rev_plus_guess, prior.reverse, g_cur
         )
-        return self.loss_from_residuals(chunk, std, at_x, prior, flow_next, forward_residual, reverse_residual,
+        return self.loss_from_residuals(chunk, step.std, at_x, prior, flow_next, forward_residual, reverse_residual,
                                         g_terminal)  # fmt: skip
 
     def loss_from_residuals(

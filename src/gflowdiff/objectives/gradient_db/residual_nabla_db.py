@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gflowdiff.diffusion.math import ddim_mean, forward_score, reverse_score
+from gflowdiff.diffusion.kernels import TransitionStep
 from gflowdiff.diffusion.types import Transitions
 from gflowdiff.objectives.base import ObjectiveContext
 from gflowdiff.objectives.gradient_db.objective import GradientDBObjective
@@ -36,9 +36,7 @@ class ResidualNablaDB(GradientDBObjective):
 
     stacks_pretrained_pass = True
 
-    def prior_scores(
-        self, chunk: Transitions, ctx: ObjectiveContext, std: Tensor, abar_t: Tensor, abar_prev: Tensor
-    ) -> Scores:
+    def prior_scores(self, chunk: Transitions, ctx: ObjectiveContext, step: TransitionStep) -> Scores:
         """ρ·∇ log P_F^#(x'|x) with respect to x' (closed form) and x (a VJP through the frozen UNet).
 
         The reverse score is a constant (no second-order graph). The reference also multiplies the *policy's*
@@ -50,14 +48,14 @@ class ResidualNablaDB(GradientDBObjective):
             eps = ctx.policy.predict_noise(
                 x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, ctx.sampler.guidance_scale
             )
-            mean = ddim_mean(x, eps, abar_t, abar_prev, std)
-            reverse = reverse_score(x, chunk.x_next, mean, std).detach() if need_reverse else None
-        return self.prior_from_pretrained_pass(chunk, std, mean.detach(), reverse)
+            mean = step.mean(x, eps)
+            reverse = step.reverse_score(x, chunk.x_next, mean).detach() if need_reverse else None
+        return self.prior_from_pretrained_pass(chunk, step, mean.detach(), reverse)
 
     def prior_from_pretrained_pass(
-        self, chunk: Transitions, std: Tensor, mean: Tensor, reverse: Tensor | None
+        self, chunk: Transitions, step: TransitionStep, mean: Tensor, reverse: Tensor | None
     ) -> Scores:
         """ρ·(∇_{x'} log P_F^#(x'|x), ∇_x log P_F^#(x'|x)) from μ_#(x) and the unscaled reverse score."""
         rho = self.pretrained_strength
-        forward = forward_score(chunk.x_next, mean, std)
+        forward = step.forward_score(chunk.x_next, mean)
         return Scores(forward=rho * forward, reverse=None if reverse is None else rho * reverse)

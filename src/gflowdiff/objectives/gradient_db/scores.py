@@ -9,6 +9,7 @@ from typing import Protocol
 
 from torch import Tensor
 
+from gflowdiff.diffusion.kernels import TransitionStep
 from gflowdiff.diffusion.types import Transitions
 from gflowdiff.objectives.base import ObjectiveContext
 from gflowdiff.objectives.gradient_db.math import GuessWeighting
@@ -47,11 +48,11 @@ class PassOwner(Protocol):
     def needs_guess_next(self, chunk: Transitions) -> bool: ...
 
     def guess_next_gradient(
-        self, chunk: Transitions, ctx: ObjectiveContext, abar_prev: Tensor
+        self, chunk: Transitions, ctx: ObjectiveContext, step: TransitionStep
     ) -> tuple[Tensor, Tensor]: ...
 
     def flow_from_guess_next(
-        self, chunk: Transitions, guess: Tensor, ctx: ObjectiveContext, abar_prev: Tensor
+        self, chunk: Transitions, guess: Tensor, ctx: ObjectiveContext, step: TransitionStep
     ) -> tuple[Tensor, Tensor]: ...
 
     def reward_pullback(self, x0_hat: Tensor, prompts: list[str], ctx: ObjectiveContext) -> Tensor: ...
