@@ -294,3 +294,50 @@ def test_offloaded_text_encoders_visit_the_denoiser_device_only_to_encode(tiny_s
     expected = [(n, "meta") for n in names] + [(n, "forward") for n in names] + [(n, "cpu") for n in names]
     assert events == expected
     assert cond.embeds.device.type == cond.pooled.device.type == "meta"  # handed to the denoiser's device
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_offloaded_text_encoders_on_a_real_accelerator(tiny_sd3_path):
+    adapter = StableDiffusion3Adapter(str(tiny_sd3_path), offload_text_encoders=True, max_sequence_length=8).to("cuda")
+    assert all(encoder.device.type == "cpu" for encoder in adapter.text_encoders)
+    cond = adapter.encode_prompts(PROMPTS)
+    assert cond.embeds.device.type == cond.pooled.device.type == "cuda"
+    assert all(encoder.device.type == "cpu" for encoder in adapter.text_encoders)
+    x = torch.randn(2, 16, 8, 8, device="cuda")
+    assert adapter.denoise(x, torch.tensor(500.0), cond, adapter.unconditional(2), 4.5).isfinite().all()
+
+
+# ---- Conditioning and dtypes ---------------------------------------------------------------------------------------
+def test_conditioning_rows_index_and_concatenate():
+    embeds, pooled, time_ids = torch.arange(24.0).view(3, 4, 2), torch.arange(6.0).view(3, 2), torch.ones(3, 6)
+    cond = Conditioning(embeds, pooled, {"time_ids": time_ids})
+    assert len(cond) == 3 and len(cond[0]) == 1 and len(cond[-1]) == 1 and len(cond[1:]) == 2
+    assert torch.equal(cond[-1].embeds, embeds[2:]) and torch.equal(cond[torch.tensor([2, 0])].pooled, pooled[[2, 0]])
+    both = Conditioning.cat([cond[:1], cond])  # e.g. the CFG batch [uncond; cond]
+    assert len(both) == 4 and torch.equal(both.extra["time_ids"], torch.ones(4, 6))
+    assert torch.equal(both.embeds[1:], embeds) and torch.equal(cond.repeat(2).pooled, torch.cat([pooled, pooled]))
+    assert Conditioning(embeds).pooled is None and len(Conditioning.cat([Conditioning(embeds)] * 2)) == 6
+    with pytest.raises(ValueError, match="different fields"):
+        Conditioning.cat([cond, Conditioning(embeds)])
+    with pytest.raises(ValueError, match="pooled has 2 rows, embeds has 3"):
+        Conditioning(embeds, pooled[:2])
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_bf16_frozen_components_give_fp32_outputs_near_the_fp32_model(request, family):
+    path = str(family_path(request, family))
+    options = {"max_sequence_length": 8} if family == "sd3" else {}
+    full = FAMILIES[family][1](path, **options)
+    half = FAMILIES[family][1](path, frozen_dtype=torch.bfloat16, **options)
+    half.add_lora(rank=2)
+    assert half.denoiser.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in half.lora_parameters())
+    torch.manual_seed(0)
+    x, t = torch.randn(2, full.latent_channels, 8, 8), torch.tensor([700, 300])
+    with torch.no_grad():
+        outs = [a.denoise(x, t, a.encode_prompts(PROMPTS), a.unconditional(2), 5.0) for a in (full, half)]
+        images = [a.decode(x) for a in (full, half)]
+    assert outs[1].dtype == images[1].dtype == torch.float32
+    scale = outs[0].abs().max()
+    assert max_difference(*outs) < 0.1 * scale  # bf16 rounding only (7-bit mantissa through a few layers)
+    assert max_difference(*images) < 0.1
