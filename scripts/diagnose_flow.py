@@ -98,7 +98,7 @@ def main() -> None:
             tilt = (ddim_mean(x, eps, abar_t, abar_prev, std) - ddim_mean(x, eps_ref, abar_t, abar_prev, std)) / (
                 per_sample(std, x) ** 2
             )
-            g = module.flow_head(x, t, embeds) if module.flow_head is not None else torch.zeros_like(x)
+            g = module.flow_head(x, t, embeds.embeds) if module.flow_head is not None else torch.zeros_like(x)
         weighting = getattr(objective, "reward_guess_weighting", "off")
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)

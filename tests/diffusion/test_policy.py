@@ -40,7 +40,7 @@ def test_reference_pass_equals_the_base_unet(tiny_sd_path):
             reference = policy.predict_noise(x, t, cond, uncond, guidance_scale=3.0)
         base = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
         eps_u, eps_c = base(
-            torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])
+            torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond.embeds, cond.embeds])
         ).sample.chunk(2)
     expected = eps_u + 3.0 * (eps_c - eps_u)  # CFG: ε_u + w(ε_c − ε_u)
     torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-5)
@@ -89,6 +89,6 @@ def test_exported_lora_loads_with_load_lora_weights(tiny_sd_path, tmp_path):
     pipe.load_lora_weights(tmp_path / "lora")
     x, t, cond, uncond = noise_inputs(policy, batch=1)
     with torch.no_grad():
-        expected = policy.unet(x, t, encoder_hidden_states=cond).sample
-        loaded = pipe.unet(x, t, encoder_hidden_states=cond).sample
+        expected = policy.unet(x, t, encoder_hidden_states=cond.embeds).sample
+        loaded = pipe.unet(x, t, encoder_hidden_states=cond.embeds).sample
     torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-5)

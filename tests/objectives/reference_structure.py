@@ -38,7 +38,7 @@ def flow_score_current(
         x0_hat = predicted_x0(x, at_x.eps, abar_t)
         flow = per_sample(objective.reward_guess_scale(abar_t), x) * reward_gradient(x, x0_hat, chunk.prompts, ctx)
     if objective.use_flow_head:
-        flow = flow + ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds)
+        flow = flow + ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds.embeds)
     return flow
 
 

@@ -462,6 +462,7 @@ def test_the_package_walk_sees_a_module_nothing_imports(tmp_path, monkeypatch):
 # ---- helpers --------------------------------------------------------------------------------------------------------
 def fake_rollout(batch_size: int, num_steps: int):
     """A Rollout with random tensors of the right shapes (for index bookkeeping; no model)."""
+    from gflowdiff.diffusion.conditioning import Conditioning
     from gflowdiff.diffusion.types import Rollout
 
     generator = torch.Generator().manual_seed(0)
@@ -473,8 +474,8 @@ def fake_rollout(batch_size: int, num_steps: int):
         prev_timesteps=timesteps - 10,
         noise_preds=torch.randn(batch_size, num_steps, 1, 2, 2, generator=generator),
         log_probs=torch.randn(batch_size, num_steps, generator=generator),
-        prompt_embeds=torch.randn(batch_size, 3, 4, generator=generator),
-        negative_embeds=torch.randn(batch_size, 3, 4, generator=generator),
+        prompt_embeds=Conditioning(torch.randn(batch_size, 3, 4, generator=generator)),
+        negative_embeds=Conditioning(torch.randn(batch_size, 3, 4, generator=generator)),
         prompts=[f"p{i % 2}" for i in range(batch_size)],
         images=torch.rand(batch_size, 1, 2, 2, generator=generator),
         rewards=torch.randn(batch_size, generator=generator),

@@ -55,6 +55,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from gflowdiff.diffusion.conditioning import Conditioning
 from gflowdiff.diffusion.math import alpha_bar, ddim_mean, ddim_std, previous_timesteps
 from gflowdiff.diffusion.policy import DiffusionPolicy
 from gflowdiff.diffusion.sampling import SamplerConfig, sample_rollout
@@ -113,7 +114,7 @@ class GaussianPolicy(nn.Module):
         self.weight = nn.Parameter(torch.zeros(num_steps, DIM, DIM))  # W_k
         self.bias = nn.Parameter(torch.zeros(num_steps, DIM))  # c_k
         self.adapters_enabled = True
-        self.unet = SimpleNamespace(device=torch.device("cpu"))
+        self.adapter = SimpleNamespace(device=torch.device("cpu"))
 
     def inference_timesteps(self, num_inference_steps: int) -> Tensor:
         self.scheduler.set_timesteps(num_inference_steps)
@@ -124,8 +125,11 @@ class GaussianPolicy(nn.Module):
 
     transition_step = DiffusionPolicy.transition_step  # DDIM-η on this ᾱ, as the real policy's steps
 
-    def encode_prompts(self, prompts: list[str]) -> Tensor:
-        return torch.zeros(len(prompts), 1, 1)
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        return Conditioning(torch.zeros(len(prompts), 1, 1))
+
+    def unconditional(self, batch_size: int) -> Conditioning:
+        return self.encode_prompts([""] * batch_size)
 
     def predict_noise(
         self, x: Tensor, t: Tensor, prompt_embeds: Tensor, negative_embeds: Tensor, guidance_scale: float

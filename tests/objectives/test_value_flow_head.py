@@ -55,7 +55,7 @@ def test_warm_up_fits_the_exact_flow_score_of_a_curved_reward():
     errors = []
     for k in (2, 8, 14, 18):
         x = rollout.latents[:, k]
-        fitted = head(x, rollout.timesteps[k].repeat(512), rollout.prompt_embeds).flatten(1).to(F64)
+        fitted = head(x, rollout.timesteps[k].repeat(512), rollout.prompt_embeds.embeds).flatten(1).to(F64)
         curvature, slope = exact[k]
         truth = slope - x.flatten(1).to(F64) @ curvature.T  # ∇ log F̃_k(x) = h_k − H_k x
         errors.append(float((fitted - truth).norm(dim=1).mean() / truth.norm(dim=1).mean()))

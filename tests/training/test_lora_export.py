@@ -23,10 +23,10 @@ def test_load_lora_weights_reproduces_the_policy(tiny_sd_path, tmp_path, rank, a
     pipe.load_lora_weights(tmp_path / "lora")
     x, t, cond, _ = noise_inputs(policy)
     with torch.no_grad():
-        expected = policy.unet(x, t, encoder_hidden_states=cond).sample
-        loaded = pipe.unet(x, t, encoder_hidden_states=cond).sample
+        expected = policy.unet(x, t, encoder_hidden_states=cond.embeds).sample
+        loaded = pipe.unet(x, t, encoder_hidden_states=cond.embeds).sample
         with policy.reference():
-            pretrained = policy.unet(x, t, encoder_hidden_states=cond).sample
+            pretrained = policy.unet(x, t, encoder_hidden_states=cond.embeds).sample
     assert (expected - pretrained).abs().max() > 1e-3  # the LoRA matters at this scale
     torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-5)
     after = policy.lora_state_dict()

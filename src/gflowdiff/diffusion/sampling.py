@@ -41,7 +41,7 @@ class SamplerConfig:
 
 def initial_noise(policy: DiffusionPolicy, batch_size: int, generator: torch.Generator) -> Tensor:
     shape = (batch_size, policy.latent_channels, policy.latent_size, policy.latent_size)
-    return torch.randn(shape, generator=generator).to(policy.unet.device)
+    return torch.randn(shape, generator=generator).to(policy.adapter.device)
 
 
 @torch.no_grad()
@@ -58,8 +58,8 @@ def sample_rollout(
     """
     batch_size = len(prompts)
     prompt_embeds = policy.encode_prompts(prompts)
-    negative_embeds = policy.encode_prompts([""] * batch_size)
-    timesteps = policy.inference_timesteps(sampler.num_inference_steps).to(policy.unet.device)
+    negative_embeds = policy.unconditional(batch_size)
+    timesteps = policy.inference_timesteps(sampler.num_inference_steps).to(policy.adapter.device)
     prev_timesteps = previous_timesteps(timesteps, policy.num_train_timesteps, sampler.num_inference_steps)
 
     x = initial_noise(policy, batch_size, generator)

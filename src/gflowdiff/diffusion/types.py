@@ -7,6 +7,10 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
+from gflowdiff.diffusion.conditioning import Conditioning
+
+CONDITIONING_FIELDS = ("prompt_embeds", "negative_embeds")
+
 
 @dataclass
 class Rollout:
@@ -21,8 +25,8 @@ class Rollout:
     prev_timesteps: Tensor  # (T,) t − Δ (negative on the last step)
     noise_preds: Tensor  # (B, T, C, H, W) behaviour policy's CFG-combined ε̂ (trust-region anchor, docs/method.md §2.8)
     log_probs: Tensor  # (B, T) log P_F(x_{j+1}|x_j) under the behaviour policy (policy-gradient baselines)
-    prompt_embeds: Tensor  # (B, L, D) conditional text embeddings
-    negative_embeds: Tensor  # (B, L, D) embeddings of the empty prompt (CFG)
+    prompt_embeds: Conditioning  # the prompts' conditioning (text embeddings (B, L, D), pooled, ...)
+    negative_embeds: Conditioning  # the CFG branch's (the empty prompt's, or zeros: the family's pipeline rule)
     prompts: list[str]
     images: Tensor  # (B, C_img, H_img, W_img) decoded samples in [0, 1]
     rewards: Tensor  # (B,) log-rewards r(x_T)
@@ -73,11 +77,17 @@ class Rollout:
         return self.transitions(*flatten_steps(steps))
 
     def to_state(self) -> dict:
-        """Tensors and prompts for a checkpoint (the off-policy buffer)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Tensors and prompts for a checkpoint (the off-policy buffer); the conditioning as plain tensors."""
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        return state | {name: state[name].to_state() for name in CONDITIONING_FIELDS}
 
     @classmethod
     def from_state(cls, state: dict) -> Rollout:
+        """A rollout from :meth:`to_state`'s dict (or an older checkpoint's, whose conditioning is a tensor)."""
+        state = dict(state)
+        for name in CONDITIONING_FIELDS:
+            value = state[name]
+            state[name] = Conditioning(value) if isinstance(value, Tensor) else Conditioning.from_state(value)
         return cls(**state)
 
 
@@ -92,8 +102,8 @@ class Transitions:
     step: Tensor  # (N,) sampler step index j
     noise_pred_old: Tensor  # (N, C, H, W)
     log_prob_old: Tensor  # (N,)
-    prompt_embeds: Tensor  # (N, L, D)
-    negative_embeds: Tensor  # (N, L, D)
+    prompt_embeds: Conditioning  # N rows
+    negative_embeds: Conditioning  # N rows
     prompts: list[str]
     rewards: Tensor  # (N,) reward of the trajectory's final sample
     is_terminal: Tensor  # (N,) bool: x' is the final sample x_T
@@ -117,7 +127,7 @@ class Transitions:
         values = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, Tensor):
+            if isinstance(value, Tensor | Conditioning):
                 values[f.name] = value[index]
             elif isinstance(value, list):
                 values[f.name] = [value[i] for i in index.tolist()]

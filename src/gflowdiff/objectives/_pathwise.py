@@ -55,7 +55,7 @@ def window_bounds(num_steps: int, start_fraction: float, end_fraction: float) ->
 def sampler_schedule(ctx: ObjectiveContext) -> tuple[Tensor, Tensor]:
     """(T,) timesteps t_j and (T,) t_j − Δ of the sampler in ``ctx`` (the same schedule as the rollout's)."""
     steps = ctx.sampler.num_inference_steps
-    timesteps = ctx.policy.inference_timesteps(steps).to(ctx.policy.unet.device)
+    timesteps = ctx.policy.inference_timesteps(steps).to(ctx.policy.adapter.device)
     return timesteps, previous_timesteps(timesteps, ctx.policy.num_train_timesteps, steps)
 
 

@@ -155,7 +155,7 @@ class ScalarDBObjective(Objective):
 
     def log_flow_current(self, chunk: Transitions, eps: Tensor, abar_t: Tensor, ctx: ObjectiveContext) -> Tensor:
         """log F(x) at the transition's start (never terminal); reuses the policy pass ε̂_θ(x, t) for x̂0."""
-        learned = scalar_log_flow(ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds))
+        learned = scalar_log_flow(ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds.embeds))
         if not self.forward_looking:
             return learned
         estimate = self.reward_estimate(predicted_x0(chunk.x, eps.detach(), abar_t), chunk.prompts, ctx)
@@ -169,12 +169,12 @@ class ScalarDBObjective(Objective):
         rows = (~terminal).nonzero().squeeze(1)
         if len(rows) == 0:
             return log_flow
-        x_next, t_prev, embeds = chunk.x_next[rows], chunk.t_prev[rows], chunk.prompt_embeds[rows]
-        learned = scalar_log_flow(ctx.flow_head(x_next, t_prev, embeds))
+        x_next, t_prev, conditioning = chunk.x_next[rows], chunk.t_prev[rows], chunk.prompt_embeds[rows]
+        learned = scalar_log_flow(ctx.flow_head(x_next, t_prev, conditioning.embeds))
         if self.forward_looking:
             with torch.no_grad():
                 eps = ctx.policy.predict_noise(
-                    x_next, t_prev, embeds, chunk.negative_embeds[rows], ctx.sampler.guidance_scale
+                    x_next, t_prev, conditioning, chunk.negative_embeds[rows], ctx.sampler.guidance_scale
                 )
             prompts = [chunk.prompts[i] for i in rows.tolist()]
             estimate = self.reward_estimate(predicted_x0(x_next, eps, abar_prev[rows]), prompts, ctx)

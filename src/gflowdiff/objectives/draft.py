@@ -122,8 +122,8 @@ class DRaFT(Objective):
         t, t_prev = timesteps[last].repeat(len(x_final)), prev_timesteps[last].repeat(len(x_final))
         abar_t, abar_prev = ctx.policy.alpha_bar(t), ctx.policy.alpha_bar(t_prev)
         x_noisy = renoise(x_final, abar_t, abar_prev, draw_noise(x_final, ctx.generator))
-        prompt_embeds = chunk.prompt_embeds.repeat(n, 1, 1)  # (n·B, L, D)
-        negative_embeds = chunk.negative_embeds.repeat(n, 1, 1)
+        prompt_embeds = chunk.prompt_embeds.repeat(n)  # n·B rows
+        negative_embeds = chunk.negative_embeds.repeat(n)
         noise = draw_noise(x_noisy, ctx.generator)
         x_out = policy_step(ctx, x_noisy, t, t_prev, prompt_embeds, negative_embeds, noise, self.gradient_checkpointing)
         return x_out, list(chunk.prompts) * n

@@ -126,7 +126,7 @@ def lora_state_with_unit_scale(policy: DiffusionPolicy) -> dict[str, torch.Tenso
     from peft.tuners.lora import LoraLayer
 
     state = dict(policy.lora_state_dict())
-    for name, layer in policy.unet.named_modules():
+    for name, layer in policy.denoiser.named_modules():
         if isinstance(layer, LoraLayer):
             for adapter, scale in layer.scaling.items():
                 key = f"{name}.lora_B.weight"
@@ -136,20 +136,15 @@ def lora_state_with_unit_scale(policy: DiffusionPolicy) -> dict[str, torch.Tenso
 
 
 def export_lora(policy: DiffusionPolicy, directory: str | Path) -> Path:
-    """Write the UNet LoRA in diffusers format (``pytorch_lora_weights.safetensors``): ``pipe.load_lora_weights``
-    and ``unet.load_lora_adapter(dir, weight_name=...)`` load it and reproduce the fine-tuned UNet (the alpha/rank
-    scale is folded into the weights: :func:`lora_state_with_unit_scale`)."""
-    from diffusers import StableDiffusionPipeline
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write the denoiser's LoRA in the family's diffusers format (``pytorch_lora_weights.safetensors``, through the
+    pipeline class's ``save_lora_weights``): ``pipe.load_lora_weights(dir)`` loads it and reproduces the fine-tuned
+    denoiser (the alpha/rank scale is folded into the weights: :func:`lora_state_with_unit_scale`)."""
     # peft's key names, which diffusers' loaders read as they are. convert_state_dict_to_diffusers renames only the
     # attention projections (to_q.lora.down ...), and a file mixing both styles loses the LoRA of the other layers
     # (e.g. the digits config's conv1/conv2) on load. safetensors stores only contiguous tensors; with
     # --model.performance.channels_last, LoRA convolutions are channels-last.
     layers = {key: value.contiguous() for key, value in lora_state_with_unit_scale(policy).items()}
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, weight_name=LORA_WEIGHT_NAME)
-    return directory / LORA_WEIGHT_NAME
+    return policy.adapter.export_lora(layers, directory)
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

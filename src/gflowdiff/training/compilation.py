@@ -59,13 +59,14 @@ def compile_networks(
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 32))
     networks: dict[str, nn.Module] = {}
     if scope == "whole":
-        networks["unet"] = policy.unet
+        networks["unet"] = policy.denoiser
     else:
-        for name, module in policy.unet.named_modules():
+        for name, module in policy.denoiser.named_modules():
             if type(module).__name__ in UNET_BLOCKS:
                 networks[f"unet.{name}"] = module
-    if policy.vae is not None:
-        networks["vae.decoder"] = policy.vae.decoder
+    vae = getattr(policy, "vae", None)
+    if vae is not None:
+        networks["vae.decoder"] = vae.decoder
     if flow_head is not None:
         networks["flow_head"] = flow_head
     for name, child in reward.named_children() if include_reward else ():

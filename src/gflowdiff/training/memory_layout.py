@@ -19,7 +19,7 @@ from torch import nn
 
 def convolutional_networks(policy: nn.Module, flow_head: nn.Module | None, reward: nn.Module) -> dict[str, nn.Module]:
     """The networks with convolutions that a training step and a rollout run: UNet, VAE, flow head, reward parts."""
-    candidates = {"unet": policy.unet, "vae": policy.vae, "flow_head": flow_head}
+    candidates = {"unet": policy.denoiser, "vae": getattr(policy, "vae", None), "flow_head": flow_head}
     candidates |= {f"reward.{name}": child for name, child in reward.named_children()}
     return {
         name: network

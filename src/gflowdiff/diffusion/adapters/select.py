@@ -13,7 +13,7 @@ from gflowdiff.diffusion.adapters.base import ModelAdapter
 from gflowdiff.diffusion.adapters.stable_diffusion import StableDiffusionAdapter
 from gflowdiff.diffusion.adapters.stable_diffusion_3 import StableDiffusion3Adapter
 from gflowdiff.diffusion.adapters.stable_diffusion_xl import StableDiffusionXLAdapter
-from gflowdiff.diffusion.policy import PRETRAINED_OPTION, load_model_index, resolve_pretrained_path
+from gflowdiff.diffusion.loading import PRETRAINED_OPTION, load_model_index, resolve_pretrained_path
 
 ADAPTER_OPTION = "--model.adapter"
 ADAPTERS: dict[str, type[ModelAdapter]] = {  # the names YAML may give

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from gflowdiff.diffusion.adapters.base import Conditioning, ModelAdapter
-from gflowdiff.diffusion.policy import load_scheduler
+from gflowdiff.diffusion.loading import load_scheduler
 
 
 def clip_tokens(tokenizer, prompts: list[str], max_length: int | None = None):

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from gflowdiff.diffusion.adapters.base import Conditioning, ModelAdapter
 from gflowdiff.diffusion.adapters.stable_diffusion import clip_tokens, module_device
-from gflowdiff.diffusion.policy import PRETRAINED_OPTION, load_scheduler
+from gflowdiff.diffusion.loading import PRETRAINED_OPTION, load_scheduler
 
 
 class StableDiffusionXLAdapter(ModelAdapter):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gflowdiff.diffusion.conditioning import Conditioning
 from gflowdiff.diffusion.kernels import TransitionStep
 from gflowdiff.diffusion.math import per_sample
 from gflowdiff.diffusion.types import Transitions
@@ -41,7 +42,7 @@ class StackedPasses:
     guess_next: Tensor  # ∇_{x'} r at the guess point (x̂0_θ(x', t−Δ); x_T itself on terminal rows)
 
 
-def _rows(group: Tensor, rows: Tensor | None) -> Tensor:
+def _rows(group: Tensor | Conditioning, rows: Tensor | None) -> Tensor | Conditioning:
     return group if rows is None else group[rows]
 
 
@@ -76,8 +77,8 @@ def stacked_passes(
         eps = policy.predict_noise(
             torch.cat([group[0] for group in groups]),
             torch.cat([_rows(group[1], group[2]) for group in groups]),
-            torch.cat([_rows(chunk.prompt_embeds, group[2]) for group in groups]),
-            torch.cat([_rows(chunk.negative_embeds, group[2]) for group in groups]),
+            Conditioning.cat([_rows(chunk.prompt_embeds, group[2]) for group in groups]),
+            Conditioning.cat([_rows(chunk.negative_embeds, group[2]) for group in groups]),
             ctx.sampler.guidance_scale,
             lora_rows=torch.cat([torch.full((size,), group[3]) for size, group in zip(sizes, groups, strict=True)]),
         )  # (Σ sizes, C, H, W)

@@ -219,7 +219,7 @@ class GradientDBObjective(Objective):
         return (
             rollout.latents[:, :steps].flatten(0, 1),
             rollout.timesteps.repeat(rollout.batch_size),
-            rollout.prompt_embeds.repeat_interleave(steps, dim=0),
+            rollout.prompt_embeds.embeds.repeat_interleave(steps, dim=0),
             labels.repeat_interleave(steps),
         )
 
@@ -305,7 +305,7 @@ class GradientDBObjective(Objective):
         # the step into x_j starts at t_{j−1}
         step = ctx.policy.transition_step(rollout.timesteps[:-1], rollout.prev_timesteps[:-1], ctx.sampler.eta)
         std = step.std.repeat(batch)
-        embeds = rollout.prompt_embeds.repeat_interleave(count, dim=0)
+        embeds = rollout.prompt_embeds.embeds.repeat_interleave(count, dim=0)
         g = ctx.flow_head(rollout.latents[:, 1:-1].flatten(0, 1), timesteps, embeds)
         residual = per_sample(transition_weight(std, self.transition_weighting), g) * (
             g - rollout.flow_targets[:, 1:-1].flatten(0, 1)
@@ -368,7 +368,7 @@ class GradientDBObjective(Objective):
         flow = self.reward_scale * weight * guess
         g_terminal = guess.new_zeros(0)
         if self.use_flow_head:
-            g = ctx.flow_head(chunk.x_next, chunk.t_prev, chunk.prompt_embeds)
+            g = ctx.flow_head(chunk.x_next, chunk.t_prev, chunk.prompt_embeds.embeds)
             mask = per_sample(terminal, g)
             in_target = g.detach() if self.detach_flow_in_forward_target else g
             flow = flow + (1 - mask) * in_target  # no g on terminal states: the terminal condition is exact
@@ -496,7 +496,7 @@ class GradientDBObjective(Objective):
         g_cur = None
         if policy_rev_plus_guess is not None:
             # flow_cur = g_φ(x) + β·γ_t·∇_x r: its reward part is already in policy_rev_plus_guess (docs/method.md §2.3)
-            g_cur = ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds) if self.use_flow_head else 0.0
+            g_cur = ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds.embeds) if self.use_flow_head else 0.0
         forward_residual, reverse_residual = nabla_db_residuals(
             at_x.forward_score, prior.forward, flow_next, policy_rev_plus_guess, prior.reverse, g_cur
         )
