@@ -22,7 +22,10 @@ from gflowdiff.diffusion.adapter_rows import LoraRowMask, all_rows
 from gflowdiff.diffusion.kernels import DDPMKernel, TransitionStep
 from gflowdiff.diffusion.math import alpha_bar, epsilon_from_model_output
 
-EMBEDDED_MODELS = {"embedded:digits": "zoo/weights/digits"}  # under the gflowdiff package
+EMBEDDED_MODELS = {  # under the gflowdiff package
+    "embedded:digits": "zoo/weights/digits",
+    "embedded:digits_flow": "zoo/weights/digits_flow",
+}
 PRETRAINED_OPTION = "--model.pretrained_model"
 SUPPORTED_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # what DDIMScheduler computes ᾱ from
 SUPPORTED_TIMESTEP_SPACINGS = ("leading",)  # math.previous_timesteps: t − T // N
