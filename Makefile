@@ -41,6 +41,9 @@ format: $(STAMP) ## ruff format and autofix
 digits-model: $(STAMP) ## re-train the embedded digits model and classifier (≈ 20 min on 2 cores)
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m gflowdiff.zoo.digits --out src/gflowdiff/zoo/weights
 
+digits-flow-model: $(STAMP) ## re-train the embedded flow-matching (SD3-layout) digits model; prints its evaluation (≈ 15 min, 1 thread)
+	OMP_NUM_THREADS=1 $(BIN)/python -m gflowdiff.zoo.digits_flow --out src/gflowdiff/zoo/weights
+
 benchmark: $(STAMP) ## transitions/s at B = 1, 2, 4, 8, 16 (reference vs fused / pairs / stacked pass structures, channels-last), rollout speed, memory; digits + tiny SD
 	OMP_NUM_THREADS=$(THREADS) HF_HUB_OFFLINE=1 $(BIN)/python scripts/benchmark.py --channels-last
 
@@ -66,4 +69,4 @@ gpu-speed: ## on a CUDA machine, within one 10-min call: eager reference vs pair
 clean: ## remove run outputs (keeps .venv)
 	rm -rf runs lightning_logs .pytest_cache
 
-.PHONY: help install demo test test-fast lint format digits-model benchmark compare convergence gpu-check gpu-speed clean
+.PHONY: help install demo test test-fast lint format digits-model digits-flow-model benchmark compare convergence gpu-check gpu-speed clean

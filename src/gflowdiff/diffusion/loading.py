@@ -9,7 +9,10 @@ from pathlib import Path
 
 from torch import nn
 
-EMBEDDED_MODELS = {"embedded:digits": "zoo/weights/digits"}  # under the gflowdiff package
+EMBEDDED_MODELS = {  # under the gflowdiff package
+    "embedded:digits": "zoo/weights/digits",
+    "embedded:digits_flow": "zoo/weights/digits_flow",
+}
 PRETRAINED_OPTION = "--model.pretrained_model"
 SUPPORTED_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # what DDIMScheduler computes ᾱ from
 SUPPORTED_TIMESTEP_SPACINGS = ("leading",)  # math.previous_timesteps: t − T // N
