@@ -28,6 +28,13 @@ from torch import Tensor
 from gflowdiff.diffusion import flow_math, math
 
 
+def flow_signal(s: Tensor) -> Tensor:
+    """ᾱ of a rectified-flow state: x_s = (1−s)·x0 + s·ε is √ᾱ·x0 + √(1−ᾱ)·ε scaled by √((1−s)² + s²), so
+    ᾱ = (1−s)² / ((1−s)² + s²) (1 at the data, 0 at the noise)."""
+    s = s.to(torch.float64 if s.dtype == torch.float64 else torch.float32)
+    return (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
+
+
 class NoTransitionDensityError(ValueError):
     """A density (log-prob or score) was asked of a deterministic kernel."""
 
@@ -40,6 +47,11 @@ class TransitionKernel(ABC):
     """
 
     stochastic: bool = True
+
+    @abstractmethod
+    def signal(self, time: Tensor) -> Tensor:
+        """The state's signal fraction ᾱ at ``time`` (x = √ᾱ·x0 + √(1−ᾱ)·ε up to a scale): the axis the
+        forward-looking guess is weighted on (docs/method.md §2.4), the same for every model family."""
 
     @abstractmethod
     def x0(self, x: Tensor, output: Tensor, time: Tensor) -> Tensor:
@@ -91,6 +103,9 @@ class DDPMKernel(TransitionKernel):
     def __repr__(self) -> str:
         return f"DDPMKernel(eta={self.eta})"
 
+    def signal(self, time: Tensor) -> Tensor:
+        return time  # ᾱ itself
+
     def x0(self, x: Tensor, output: Tensor, time: Tensor) -> Tensor:
         return math.predicted_x0(x, output, time)
 
@@ -127,6 +142,9 @@ class FlowSDEKernel(TransitionKernel):
 
     def __repr__(self) -> str:
         return f"FlowSDEKernel(noise_level={self.noise_level})"
+
+    def signal(self, time: Tensor) -> Tensor:
+        return flow_signal(time)
 
     def x0(self, x: Tensor, output: Tensor, time: Tensor) -> Tensor:
         return flow_math.flow_x0(x, output, time)
@@ -167,6 +185,9 @@ class EulerODE(TransitionKernel):
 
     def __repr__(self) -> str:
         return "EulerODE()"
+
+    def signal(self, time: Tensor) -> Tensor:
+        return flow_signal(time)
 
     def x0(self, x: Tensor, output: Tensor, time: Tensor) -> Tensor:
         return flow_math.flow_x0(x, output, time)
@@ -220,6 +241,16 @@ class TransitionStep:
     def mean(self, x: Tensor, output: Tensor) -> Tensor:
         """μ(x) of P_F(x'|x) from the model's output at x."""
         return self.kernel.mean(x, output, self.time, self.time_next)
+
+    @property
+    def signal(self) -> Tensor:
+        """ᾱ (or its flow-model equivalent, :func:`flow_signal`) of the state x."""
+        return self.kernel.signal(self.time)
+
+    @property
+    def signal_next(self) -> Tensor:
+        """ᾱ (or its flow-model equivalent) of x'."""
+        return self.kernel.signal(self.time_next)
 
     def x0(self, x: Tensor, output: Tensor) -> Tensor:
         """x̂0 from the state x and the model's output there."""

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from gflowdiff.diffusion.adapter_rows import LoraRowMask, all_rows
 from gflowdiff.diffusion.adapters import load_adapter
 from gflowdiff.diffusion.conditioning import Conditioning
-from gflowdiff.diffusion.kernels import DDPMKernel, TransitionStep
+from gflowdiff.diffusion.kernels import DDPMKernel, FlowSDEKernel, TransitionStep, flow_signal
 from gflowdiff.diffusion.loading import (  # noqa: F401 (re-exported: policy.py was their home)
     EMBEDDED_MODELS,
     PRETRAINED_OPTION,
@@ -29,7 +29,7 @@ from gflowdiff.diffusion.loading import (  # noqa: F401 (re-exported: policy.py 
     resolve_pretrained_path,
     square_sample_size,
 )
-from gflowdiff.diffusion.math import alpha_bar, epsilon_from_model_output
+from gflowdiff.diffusion.math import alpha_bar, epsilon_from_model_output, previous_timesteps
 
 
 @dataclass
@@ -130,14 +130,34 @@ class DiffusionPolicy(nn.Module):
 
     # ---- computations ------------------------------------------------------------------------------------------
     def inference_timesteps(self, num_inference_steps: int) -> Tensor:
+        """The denoiser's timestep at each sampler step: DDPM's integer t ("leading" spacing), or for flow models
+        σ·num_train_timesteps (the transformer's time axis, σ from 1 towards 0)."""
+        if self.kernel_family == "flow":
+            return self.adapter.timestep(self.adapter.sigmas(num_inference_steps)[:-1])
         self.scheduler.set_timesteps(num_inference_steps)
         return self.scheduler.timesteps.clone().long()
 
+    def step_times(self, num_inference_steps: int) -> tuple[Tensor, Tensor]:
+        """(timesteps, prev_timesteps) of the sampler's steps: t → t − Δ (negative after the last DDPM step), or
+        σ_j → σ_{j+1} on the flow model's axis (0 after the last)."""
+        if self.kernel_family == "flow":
+            times = self.adapter.timestep(self.adapter.sigmas(num_inference_steps))
+            return times[:-1], times[1:]
+        timesteps = self.inference_timesteps(num_inference_steps)
+        return timesteps, previous_timesteps(timesteps, self.num_train_timesteps, num_inference_steps)
+
     def alpha_bar(self, timesteps: Tensor) -> Tensor:
+        if self.kernel_family == "flow":
+            return flow_signal(timesteps.float() / self.num_train_timesteps)
         return alpha_bar(self.alphas_cumprod, timesteps, self.final_alpha_cumprod)
 
     def transition_step(self, t: Tensor, t_prev: Tensor, eta: float) -> TransitionStep:
-        """The sampler steps t → t_prev (per-sample (B,) timesteps) as the objectives see them: DDIM-η on ᾱ."""
+        """The sampler steps t → t_prev (per-sample (B,) timesteps) as the sampler and the objectives see them:
+        DDIM-η on ᾱ for diffusion models; for flow models the SDE with the ODE's marginals at noise level a = η on
+        σ = t / num_train_timesteps (docs/method.md §10)."""
+        if self.kernel_family == "flow":
+            scale = self.num_train_timesteps
+            return TransitionStep.of(FlowSDEKernel(eta), t.float() / scale, t_prev.float() / scale)
         return TransitionStep.of(DDPMKernel(eta), self.alpha_bar(t), self.alpha_bar(t_prev))
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -157,14 +177,15 @@ class DiffusionPolicy(nn.Module):
         guidance_scale: float,
         lora_rows: Tensor | None = None,
     ) -> Tensor:
-        """CFG-combined ε̂ = ε_u + w·(ε_c − ε_u) in fp32, one denoiser call on the batch [uncond; cond] (2B).
-
-        The output is read as the scheduler's ``prediction_type`` says (ε, v or x̂0) and returned as ε̂, so all
-        transition math downstream is ε-based. ``lora_rows`` (B,) bool: the LoRA acts only on these rows; the others
-        get the pretrained policy's ε̂^#.
+        """The model output the transition kernel takes, CFG-combined (out_u + w·(out_c − out_u)) in fp32 from one
+        denoiser call on the batch [uncond; cond] (2B): for diffusion models ε̂ (the output read as the scheduler's
+        ``prediction_type`` says, ε, v or x̂0, and converted), for flow models the velocity v. ``lora_rows`` (B,)
+        bool: the LoRA acts only on these rows; the others get the pretrained policy's output.
         """
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         output = self.guided_output(x, t, prompt_embeds, negative_embeds, guidance_scale, lora_rows)
+        if self.kernel_family == "flow":
+            return output  # the velocity: what the flow kernels take
         return epsilon_from_model_output(output, x.float(), self.alpha_bar(t), self.prediction_type)
 
     def guided_output(

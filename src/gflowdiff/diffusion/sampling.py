@@ -1,4 +1,5 @@
-"""The rollout loop: T DDIM (η = 1, i.e. DDPM) steps with classifier-free guidance, stored for the objectives."""
+"""The rollout loop: T steps of the policy's transition kernel (DDIM η = 1, i.e. DDPM, for diffusion models; the
+SDE with the ODE's marginals for flow models) with classifier-free guidance, stored for the objectives."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gflowdiff.diffusion.math import ddim_mean, ddim_std, gaussian_log_prob, per_sample, previous_timesteps
 from gflowdiff.diffusion.policy import DiffusionPolicy
 from gflowdiff.diffusion.types import Rollout
 from gflowdiff.rewards.base import Reward
@@ -21,7 +21,9 @@ class SamplerConfig:
     Args:
         num_inference_steps: number of sampler steps T.
         guidance_scale: classifier-free guidance weight w (1 = no guidance, a single UNet pass).
-        eta: DDIM η; 1 gives the DDPM posterior variance. Must be > 0: the objectives need a stochastic policy.
+        eta: the sampler's noise. Diffusion models: DDIM η, 1 gives the DDPM posterior variance. Flow models: the
+            noise level a of the SDE with the ODE's marginals, σ_s = a·√(s/(1−s)) (Flow-GRPO uses 0.7). Must be
+            > 0: the objectives need a stochastic policy.
         merge_lora: fold the LoRA into the base weights while sampling (faster; the weights are restored exactly).
             ``null`` (auto): only with fp32 frozen weights, where the merged sampler equals the unmerged one up to
             fp32 rounding; ``true`` also merges bf16/fp16 weights (measured deviation: docs/performance.md).
@@ -59,8 +61,8 @@ def sample_rollout(
     batch_size = len(prompts)
     prompt_embeds = policy.encode_prompts(prompts)
     negative_embeds = policy.unconditional(batch_size)
-    timesteps = policy.inference_timesteps(sampler.num_inference_steps).to(policy.adapter.device)
-    prev_timesteps = previous_timesteps(timesteps, policy.num_train_timesteps, sampler.num_inference_steps)
+    device = policy.adapter.device
+    timesteps, prev_timesteps = (times.to(device) for times in policy.step_times(sampler.num_inference_steps))
 
     x = initial_noise(policy, batch_size, generator)
     latents, noise_preds, log_probs = [x], [], []
@@ -69,14 +71,13 @@ def sample_rollout(
         for t, t_prev in zip(timesteps, prev_timesteps, strict=True):
             t_batch, t_prev_batch = t.repeat(batch_size), t_prev.repeat(batch_size)
             eps = policy.predict_noise(x, t_batch, prompt_embeds, negative_embeds, sampler.guidance_scale)
-            abar_t, abar_prev = policy.alpha_bar(t_batch), policy.alpha_bar(t_prev_batch)
-            std = ddim_std(abar_t, abar_prev, sampler.eta)
-            mean = ddim_mean(x, eps, abar_t, abar_prev, std)
+            step = policy.transition_step(t_batch, t_prev_batch, sampler.eta)  # DDIM-η, or the flow SDE
+            mean = step.mean(x, eps)
             noise = torch.randn(x.shape, generator=generator).to(x.device)
-            x = mean + per_sample(std, x) * noise
+            x = step.kernel.sample(mean, step.std, noise)
             latents.append(x)
             noise_preds.append(eps)
-            log_probs.append(gaussian_log_prob(x, mean, std))
+            log_probs.append(step.log_prob(x, mean))
 
     images = policy.decode(x)
     rewards = reward(images, prompts) if reward is not None else torch.zeros(batch_size, device=x.device)

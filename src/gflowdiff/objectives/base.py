@@ -38,6 +38,9 @@ class Objective(nn.Module, ABC):
 
     #: The objective differentiates the reward with respect to the image (∇-DB, ReFL, DRaFT).
     requires_reward_gradient: ClassVar[bool] = False
+    #: The transition kernels this objective's math is written for (diffusion/kernels.py): "diffusion" (DDIM/DDPM
+    #: on ᾱ) and, where it only uses the kernel's mean, std, log-prob and scores, "flow" (the flow SDE).
+    kernel_families: ClassVar[tuple[str, ...]] = ("diffusion",)
 
     @property
     def uses_flow_head(self) -> bool:
@@ -61,6 +64,16 @@ class Objective(nn.Module, ABC):
                 f"--model.objective {type(self).__name__} needs the reward's gradient, but --model.reward "
                 f"{type(reward).__name__} is not differentiable; use a policy-gradient objective (e.g. DDPO) "
                 f"or a differentiable reward"
+            )
+
+    def check_kernel(self, kernel_family: str, model: str) -> None:
+        """Raise before any heavy work if this objective's math does not run on the model's transition kernel."""
+        if kernel_family not in self.kernel_families:
+            raise ValueError(
+                f"--model.objective {type(self).__name__} runs on {' and '.join(self.kernel_families)} models; "
+                f"--model.pretrained_model {model} is a {kernel_family} model (its sampler is the "
+                f"{'flow SDE' if kernel_family == 'flow' else 'DDIM/DDPM kernel'}). On flow models use "
+                "ResidualNablaDB, NablaDB or DDPO."
             )
 
     def prepare_rollout(self, rollout: Rollout, ctx: ObjectiveContext) -> Rollout:

@@ -14,7 +14,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from gflowdiff.diffusion.math import ddim_mean, ddim_std, gaussian_log_prob
 from gflowdiff.diffusion.types import ObjectiveOutput, Rollout, Transitions
 from gflowdiff.objectives.base import Objective, ObjectiveContext
 
@@ -116,6 +115,8 @@ class DDPO(Objective):
             ``sum`` (the true Gaussian log-density).
     """
 
+    kernel_families = ("diffusion", "flow")  # on the flow SDE's log-probs: Flow-GRPO's policy gradient
+
     def __init__(
         self,
         clip_range: float = 1e-4,
@@ -184,12 +185,11 @@ class DDPO(Objective):
         if chunk.advantages is None:
             raise ValueError("DDPO.loss needs transitions from DDPO.transitions (they carry the advantages)")
         policy, sampler = ctx.policy, ctx.sampler
-        abar_t, abar_prev = policy.alpha_bar(chunk.t), policy.alpha_bar(chunk.t_prev)
-        std = ddim_std(abar_t, abar_prev, sampler.eta)
+        step = policy.transition_step(chunk.t, chunk.t_prev, sampler.eta)  # DDIM-η, or the flow SDE (Flow-GRPO's)
         eps = policy.predict_noise(chunk.x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, sampler.guidance_scale)
-        mean = ddim_mean(chunk.x, eps, abar_t, abar_prev, std)
+        mean = step.mean(chunk.x, eps)
         num_elements = chunk.x[0].numel()
-        log_prob = reduce_log_prob(gaussian_log_prob(chunk.x_next, mean, std), num_elements, self.log_prob_reduction)
+        log_prob = reduce_log_prob(step.log_prob(chunk.x_next, mean), num_elements, self.log_prob_reduction)
         log_prob_old = reduce_log_prob(chunk.log_prob_old, num_elements, self.log_prob_reduction)
         loss = ppo_clip_loss(chunk.advantages, log_prob, log_prob_old, self.clip_range)
         with torch.no_grad():

@@ -22,6 +22,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from gflowdiff.diffusion.adapters import adapter_for
 from gflowdiff.diffusion.policy import DiffusionPolicy, LoRAConfig
 from gflowdiff.diffusion.sampling import SamplerConfig, sample_rollout
 from gflowdiff.diffusion.types import Rollout
@@ -69,6 +70,8 @@ class GFlowDiffModule(L.LightningModule):
         reward: the reward model; frozen, fp32, never checkpointed.
         pretrained_model: hub id, local diffusers folder, or ``embedded:digits``.
         revision: hub revision of ``pretrained_model``.
+        adapter: the model family (``stable_diffusion``, ``stable_diffusion_xl``, ``stable_diffusion_3``); default:
+            chosen by the model's ``model_index.json`` (diffusion/adapters/).
         frozen_dtype: dtype of the frozen UNet, VAE and text encoder (``bfloat16`` on GPU).
         lora: LoRA rank, alpha and target modules.
         sampler: steps, guidance scale and η of the sampler that defines the policy.
@@ -90,6 +93,7 @@ class GFlowDiffModule(L.LightningModule):
         reward: Reward,
         pretrained_model: str = "embedded:digits",
         revision: str | None = None,
+        adapter: str | None = None,
         frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         lora: LoRAConfig = LoRAConfig(),  # noqa: B008 (a dataclass: a plain config value)
         sampler: SamplerConfig = SamplerConfig(),  # noqa: B008
@@ -103,6 +107,7 @@ class GFlowDiffModule(L.LightningModule):
     ):
         super().__init__()
         objective.check_compatible(reward)  # before any heavy loading
+        objective.check_kernel(adapter_for(pretrained_model, adapter, revision).kernel_family, pretrained_model)
         self.save_hyperparameters(ignore=["optimizer"])
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trainable state (checkpointing.py)
@@ -116,7 +121,14 @@ class GFlowDiffModule(L.LightningModule):
         self.skipped_steps = 0
         self.bad_steps_in_a_row = 0
 
-        self.policy = DiffusionPolicy(pretrained_model, revision, lora, DTYPES[frozen_dtype])
+        self.policy = DiffusionPolicy(
+            pretrained_model,
+            revision,
+            lora,
+            DTYPES[frozen_dtype],
+            adapter=adapter,
+            offload_text_encoders=performance.offload_text_encoders,
+        )
         dims = (self.policy.latent_channels, self.policy.latent_size, self.policy.text_hidden_size)
         self.flow_head: FlowHead | ValueFlowHead | None = None
         if objective.uses_flow_head:

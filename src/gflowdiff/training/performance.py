@@ -28,12 +28,15 @@ class PerformanceConfig:
             generating code (for checking that a setup compiles, not for speed).
         channels_last: store the convolution weights of the UNet, VAE, flow head and reward channels-last
             (memory_layout.py); a few per cent faster steps on CPU (docs/performance.md).
+        offload_text_encoders: keep the frozen text encoders on the CPU and move them to the accelerator only to
+            encode a rollout's prompts (SDXL, SD3's T5-XXL: they are needed for nothing else).
     """
 
     compile: bool = False
     compile_scope: CompileScope = "whole"
     compile_backend: str = DEFAULT_BACKEND
     channels_last: bool = False
+    offload_text_encoders: bool = False
 
     def __post_init__(self) -> None:
         if self.compile:  # before any heavy loading

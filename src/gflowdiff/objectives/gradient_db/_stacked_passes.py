@@ -107,7 +107,7 @@ def stacked_passes(
                 x0 = step.x0(x, eps_policy)
                 shared = pullback_next[source] if source is not None and len(source) else None
                 cotangent = objective.reward_pullback_at_x(x0, chunk.prompts, ctx, shared)
-                total = total + (per_sample(objective.reward_guess_scale(step.time), x0) * x0 * cotangent).sum()
+                total = total + (per_sample(objective.reward_guess_scale(step.signal), x0) * x0 * cotangent).sum()
 
         wanted = [leaf for leaf in (x, x_next, x_pretrained) if leaf.requires_grad]
         gradients = [None] * len(wanted)

@@ -105,6 +105,7 @@ class GradientDBObjective(Objective):
     """
 
     requires_reward_gradient = True
+    kernel_families = ("diffusion", "flow")  # the kernel's mean, std, log-prob and scores only (docs/method.md §10)
     stacks_pretrained_pass = False  # True where the prior is the pretrained UNet (residual ∇-DB): see ``stacked``
 
     def __init__(
@@ -276,6 +277,14 @@ class GradientDBObjective(Objective):
         """β·γ_t, the weight of the reward guess in ∇ log F (docs/method.md §2.4). Shape of ``abar``."""
         return self.reward_scale * guess_weight(abar, self.reward_guess_weighting)
 
+    def check_kernel(self, kernel_family: str, model: str) -> None:
+        super().check_kernel(kernel_family, model)
+        if kernel_family == "flow" and self.needs_pathwise_flow:  # pathwise_flow.py differentiates the DDIM step
+            raise ValueError(
+                f"--model.objective.pathwise_flow_scale / forward_flow_target pathwise: the pathwise flow targets "
+                f"are written for DDIM steps; --model.pretrained_model {model} is a flow model"
+            )
+
     @property
     def needs_pathwise_flow(self) -> bool:
         return self.pathwise_flow_scale > 0 or self.forward_flow_target == "pathwise"
@@ -363,7 +372,7 @@ class GradientDBObjective(Objective):
         terminal condition; the reference multiplies by ᾱ_0 ≈ 0.999), else g_φ(x', t−Δ) + β·γ·∇_{x'} r(D(x̂0)).
         Returns (flow score, g_φ(x') on the terminal rows for the terminal loss; never detached)."""
         terminal = chunk.is_terminal
-        gamma = per_sample(guess_weight(step.time_next, self.reward_guess_weighting), guess)  # γ(ᾱ_{t−Δ})
+        gamma = per_sample(guess_weight(step.signal_next, self.reward_guess_weighting), guess)  # γ(ᾱ_{t−Δ})
         weight = torch.where(per_sample(terminal, guess).bool(), torch.ones_like(gamma), gamma)
         flow = self.reward_scale * weight * guess
         g_terminal = guess.new_zeros(0)
@@ -411,7 +420,7 @@ class GradientDBObjective(Objective):
             if self.guesses_reward_at_x:
                 x0_hat = step.x0(x, at_x.eps)
                 cotangent = self.reward_pullback_at_x(x0_hat, chunk.prompts, ctx, pullback)
-                total = total + (per_sample(self.reward_guess_scale(step.time), x0_hat) * x0_hat * cotangent).sum()
+                total = total + (per_sample(self.reward_guess_scale(step.signal), x0_hat) * x0_hat * cotangent).sum()
             (gradient,) = torch.autograd.grad(total, x, retain_graph=True)
         return gradient.detach()
 
