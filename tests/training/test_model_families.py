@@ -47,12 +47,6 @@ def objective_args(config: str) -> list[str]:
 def fit_two_steps(config: str, model: str, root: Path, monkeypatch, extra: list[str] = ()):
     monkeypatch.chdir(root)
     args = two_steps(config, model, root, [*objective_args(config), *extra])
-    if (
-        config != "residual_nabla_db"
-        and "timestep_fraction" not in open(REPO / "configs/digits" / f"{config}.yaml").read()
-    ):
-        index = args.index("--model.objective.init_args.timestep_fraction")
-        del args[index : index + 2]
     cli = main(args)
     assert cli.trainer.global_step == 2
     assert (root / "ckpt" / "last.ckpt").is_file()

@@ -176,7 +176,7 @@ def user_prompt_file(config_data: dict, root: Path) -> None:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
-def test_every_config_builds_its_model_and_data(config, tiny_sd_path, reward_stand_ins, monkeypatch, tmp_path):
+def test_every_config_builds_its_model_and_data(config, tiny_sd_path, reward_stand_ins, monkeypatch, tmp_path, request):
     """Each config's classes are instantiated, not only parsed; a model that is not here (SD-1.5 from the hub) is
     replaced by the tiny random SD folder, an SD-scale reward by the same reward class on a tiny random model."""
     from tests.rewards.test_rewards import fake_open_clip_module
@@ -186,7 +186,9 @@ def test_every_config_builds_its_model_and_data(config, tiny_sd_path, reward_sta
     reward = model_section["reward"]["class_path"]
     args = [arg for path in files for arg in ("--config", str(path))]
     if not str(model_section.get("pretrained_model", "embedded:digits")).startswith("embedded:"):
-        args += ["--model.pretrained_model", str(tiny_sd_path)]
+        family = config.parts[1]  # configs/<family>/...: the tiny random pipeline of the config's model family
+        tiny = {"sdxl": "tiny_sdxl_path", "sd35": "tiny_sd3_path"}.get(family)
+        args += ["--model.pretrained_model", str(request.getfixturevalue(tiny) if tiny else tiny_sd_path)]
     stand_in = reward_stand_ins.get(reward, [])
     if stand_in is None:
         pytest.skip(f"{reward}'s stand-in needs {SHARED_DATA}")

@@ -101,6 +101,9 @@ def load_scheduler(path: str, kwargs: dict):
 
     config = dict(DDIMScheduler.load_config(path, subfolder="scheduler", **kwargs))
     check_scheduler_config(config, path)
+    # The last step goes to ᾱ_0, not to ᾱ = 1, so that it has σ > 0 (a density, as every transition needs) when the
+    # folder's scheduler does not say (SDXL ships an Euler scheduler without the key; SD-1.5's PNDM sets it false).
+    config.setdefault("set_alpha_to_one", False)
     loaded = config.get("_class_name", "an unnamed scheduler")
     scheduler = DDIMScheduler.from_config(config)
     if (path, loaded) not in _ANNOUNCED_SCHEDULERS:

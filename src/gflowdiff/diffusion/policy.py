@@ -93,6 +93,8 @@ class DiffusionPolicy(nn.Module):
         object.__setattr__(self, "adapter", model)  # not a submodule: its components are registered below
         for name, child in model.named_children():
             self.add_module(name, child)
+        if "vae" not in self._modules:
+            self.vae = None  # a pixel-space model: the state is the image
         self.frozen_dtype = frozen_dtype
         self.adapters_active = True  # False inside reference()
         self.kernel_family = model.kernel_family
