@@ -123,7 +123,9 @@ class GaussianPolicy(nn.Module):
     def alpha_bar(self, timesteps: Tensor) -> Tensor:
         return alpha_bar(self.alphas_cumprod, timesteps, self.final_alpha_cumprod)
 
+    kernel_family = "diffusion"
     transition_step = DiffusionPolicy.transition_step  # DDIM-η on this ᾱ, as the real policy's steps
+    step_times = DiffusionPolicy.step_times
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         return Conditioning(torch.zeros(len(prompts), 1, 1))
