@@ -1,9 +1,10 @@
-"""The diffusion policy: Stable-Diffusion-style diffusers components with a peft LoRA on the UNet.
+"""The diffusion policy: a model family's components (diffusion/adapters/) with a peft LoRA on the denoiser.
 
-One loading path for every model: ``from_pretrained`` on a hub id or a local folder in the diffusers layout
-(``unet/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/``, optional ``vae/``, ``model_index.json``). The embedded
-digits model is such a folder inside the package (``embedded:digits``). The pretrained reference policy P_F^# is the
-same UNet with its adapters disabled, so there is never a second copy of the UNet in memory.
+One loading path for every model: ``from_pretrained`` on a hub id or a local folder in the family's diffusers layout
+(``model_index.json`` names the pipeline; SD and SDXL have ``unet/``, SD3 ``transformer/``; ``vae/`` is optional). The
+embedded digits models are such folders inside the package (``embedded:digits``, ``embedded:digits_flow``). The
+pretrained reference policy P_F^# is the same denoiser with its adapters disabled, so there is never a second copy in
+memory. Each sampler step is the family's transition kernel (:meth:`DiffusionPolicy.transition_step`).
 """
 
 from __future__ import annotations
