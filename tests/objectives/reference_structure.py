@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gflowdiff.diffusion.math import ddim_std, per_sample, predicted_x0, reverse_score
+from gflowdiff.diffusion.kernels import TransitionStep
+from gflowdiff.diffusion.math import per_sample, reverse_score
 from gflowdiff.diffusion.types import ObjectiveOutput, Transitions
 from gflowdiff.objectives.base import ObjectiveContext
 from gflowdiff.objectives.gradient_db.math import nabla_db_residuals
@@ -29,14 +30,14 @@ def reward_gradient(x: Tensor, x0_hat: Tensor, prompts: list[str], ctx: Objectiv
 
 
 def flow_score_current(
-    objective: PassOwner, chunk: Transitions, at_x: PolicyPass, abar_t: Tensor, ctx: ObjectiveContext
+    objective: PassOwner, chunk: Transitions, at_x: PolicyPass, step: TransitionStep, ctx: ObjectiveContext
 ) -> Tensor:
     """∇_x log F(x) = g_φ(x, t) + β·γ_t·∇_x r(D(x̂0_θ(x, t))), reusing the policy pass ε̂_θ(x, t)."""
     x = at_x.x
     flow = torch.zeros_like(x)
     if objective.guesses_reward_at_x:
-        x0_hat = predicted_x0(x, at_x.eps, abar_t)
-        flow = per_sample(objective.reward_guess_scale(abar_t), x) * reward_gradient(x, x0_hat, chunk.prompts, ctx)
+        x0_hat = step.x0(x, at_x.eps)
+        flow = per_sample(objective.reward_guess_scale(step.signal), x) * reward_gradient(x, x0_hat, chunk.prompts, ctx)
     if objective.use_flow_head:
         flow = flow + ctx.flow_head(chunk.x, chunk.t, chunk.prompt_embeds.embeds)
     return flow
@@ -47,9 +48,7 @@ def reference_structure_residuals(
     chunk: Transitions,
     ctx: ObjectiveContext,
     at_x: PolicyPass,
-    std: Tensor,
-    abar_t: Tensor,
-    abar_prev: Tensor,
+    step: TransitionStep,
     prior: Scores,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """The reference's passes (docs/method.md §3.1 steps 6–12): the policy's reverse VJP, a reward-gradient pass at
@@ -57,11 +56,10 @@ def reference_structure_residuals(
     need_reverse = objective.reverse_loss_scale > 0
     policy_rev = None
     if need_reverse:
-        policy_rev = reverse_score(at_x.x, chunk.x_next, at_x.mean, std)
-    step = ctx.policy.transition_step(chunk.t, chunk.t_prev, ctx.sampler.eta)
+        policy_rev = reverse_score(at_x.x, chunk.x_next, at_x.mean, step.std)
     guess_next, _ = objective.guess_next_gradient(chunk, ctx, step)  # while the x graph is alive, as the reference
     flow_next, g_terminal = objective.flow_from_guess_next(chunk, guess_next, ctx, step)
-    flow_cur = flow_score_current(objective, chunk, at_x, abar_t, ctx) if need_reverse else None
+    flow_cur = flow_score_current(objective, chunk, at_x, step, ctx) if need_reverse else None
     forward_residual, reverse_residual = nabla_db_residuals(
         at_x.forward_score, prior.forward, flow_next, policy_rev, prior.reverse, flow_cur
     )
@@ -70,12 +68,8 @@ def reference_structure_residuals(
 
 def reference_loss(objective, chunk: Transitions, ctx: ObjectiveContext) -> ObjectiveOutput:
     """``objective.loss(chunk, ctx)`` computed with the reference code's passes."""
-    abar_t, abar_prev = ctx.policy.alpha_bar(chunk.t), ctx.policy.alpha_bar(chunk.t_prev)
-    std = ddim_std(abar_t, abar_prev, ctx.sampler.eta)
-    step = ctx.policy.transition_step(chunk.t, chunk.t_prev, ctx.sampler.eta)
+    step = ctx.policy.transition_step(chunk.t, chunk.t_prev, ctx.sampler.eta)  # DDIM-η, or the flow SDE
     prior = objective.prior_scores(chunk, ctx, step)
     at_x = objective.policy_pass(chunk, ctx, step)
-    forward, reverse, flow_next, g_terminal = reference_structure_residuals(
-        objective, chunk, ctx, at_x, std, abar_t, abar_prev, prior
-    )
-    return objective.loss_from_residuals(chunk, std, at_x, prior, flow_next, forward, reverse, g_terminal)
+    forward, reverse, flow_next, g_terminal = reference_structure_residuals(objective, chunk, ctx, at_x, step, prior)
+    return objective.loss_from_residuals(chunk, step.std, at_x, prior, flow_next, forward, reverse, g_terminal)

@@ -21,15 +21,16 @@ FLOW_HEAD = FlowHeadConfig(block_out_channels=[8, 16], norm_num_groups=4)
 PROMPTS = ["a cat", "a red cow"]
 
 
-def perturbed_module(tiny_sd_path, objective) -> GFlowDiffModule:
+def perturbed_module(tiny_sd_path, objective, sampler: SamplerConfig = SAMPLER, **options) -> GFlowDiffModule:
     """LoRA B and the flow head's output layer are zero at init; random values make every term of the loss live."""
     module = GFlowDiffModule(
         objective=objective,
         reward=DigitClassifierReward(),
         pretrained_model=str(tiny_sd_path),
-        sampler=SAMPLER,
+        sampler=sampler,
         flow_head=FLOW_HEAD,
         evaluation=EvaluationConfig(log_images_every_n_steps=0),
+        **options,
     )
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -82,6 +83,10 @@ def test_structure_equals_reference_structure(tiny_sd_path, objective, structure
     # transitions meet at a state (steps 1 → 2 of one trajectory): sharing is exercised wherever the guess is on
     assert len(shared_state_order(chunk.trajectory, chunk.step)[1]) > 0
 
+    assert_structure_matches_reference(module, chunk, structure)
+
+
+def assert_structure_matches_reference(module, chunk, structure: str) -> None:
     reference, reference_grads = loss_and_gradients(module, chunk, "reference")
     fused, fused_grads = loss_and_gradients(module, chunk, structure)
 
@@ -198,3 +203,21 @@ def test_merged_lora_sampling_equals_unmerged_and_restores_weights(tiny_sd_path,
     after = policy.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # bit-identical weights after the merge
     assert policy.adapters_active
+
+
+@pytest.mark.parametrize("structure", ["fused", "stacked"])
+@pytest.mark.parametrize("family", ["tiny_sdxl_path", "tiny_sd3_path"])
+def test_structures_equal_the_reference_on_sdxl_and_on_the_flow_sde(family, structure, request):
+    """The same equality on SDXL (pooled embeddings and time ids in the stacked batch) and on SD3, a flow model
+    sampled by the flow SDE (the LoRA masked per row inside a transformer)."""
+    from gflowdiff.diffusion.policy import LoRAConfig
+
+    torch.manual_seed(0)
+    sampler = SamplerConfig(num_inference_steps=3, guidance_scale=3.0, eta=0.7)
+    objective = ResidualNablaDB(timestep_fraction=1.0, trust_region_scale=0.3)
+    path = request.getfixturevalue(family)
+    module = perturbed_module(path, objective, sampler, lora=LoRAConfig(target_modules=["to_q", "to_k", "to_v"]))
+    assert module.policy.kernel_family == ("flow" if family == "tiny_sd3_path" else "diffusion")
+    rollout = sample_rollout(module.policy, PROMPTS, module.reward, sampler, torch.Generator().manual_seed(3))
+    chunk = objective.transitions(rollout, torch.Generator().manual_seed(4))
+    assert_structure_matches_reference(module, chunk, structure)
