@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from gflowdiff.diffusion.adapters.base import fold_lora_scale
 from gflowdiff.diffusion.types import Rollout
 
 if TYPE_CHECKING:
@@ -123,16 +124,7 @@ def lora_state_with_unit_scale(policy: DiffusionPolicy) -> dict[str, torch.Tenso
     diffusers (``load_lora_weights``) and other loaders read a LoRA file without alphas at scale 1 (alpha = rank), so
     the fold makes every loader compute gflowdiff's ΔW = (alpha / rank)·B·A, whatever ``--model.lora.alpha`` is.
     """
-    from peft.tuners.lora import LoraLayer
-
-    state = dict(policy.lora_state_dict())
-    for name, layer in policy.denoiser.named_modules():
-        if isinstance(layer, LoraLayer):
-            for adapter, scale in layer.scaling.items():
-                key = f"{name}.lora_B.weight"
-                if adapter in layer.lora_B and key in state and scale != 1.0:
-                    state[key] = state[key] * scale
-    return state
+    return fold_lora_scale(policy.denoiser, policy.lora_state_dict())
 
 
 def export_lora(policy: DiffusionPolicy, directory: str | Path) -> Path:

@@ -31,11 +31,7 @@ class StableDiffusionAdapter(ModelAdapter):
     """SD 1.x / 2.x: ``text_encoder`` + ``tokenizer``, ``unet``, optional ``vae``; the scheduler's betas as a
     DDIMScheduler (policy.py's ``load_scheduler``: the sampler's own DDIM math).
 
-    Args:
-        pretrained_model: a hub id, a local diffusers folder or ``embedded:<name>``.
-        revision: the hub revision.
-        frozen_dtype: dtype of the frozen components.
-        offload_text_encoders: keep the text encoder on the CPU except inside ``encode_prompts``.
+    The options are ModelAdapter's.
     """
 
     pipeline_class_name = "StableDiffusionPipeline"
@@ -45,14 +41,8 @@ class StableDiffusionAdapter(ModelAdapter):
     time_convention = "discrete"
     text_encoder_names = ("text_encoder",)
 
-    def __init__(
-        self,
-        pretrained_model: str,
-        revision: str | None = None,
-        frozen_dtype: torch.dtype = torch.float32,
-        offload_text_encoders: bool = False,
-    ):
-        super().__init__(pretrained_model, revision, frozen_dtype, offload_text_encoders)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # ModelAdapter's options
         from diffusers import UNet2DConditionModel
 
         self.tokenizer = self.load_tokenizer("tokenizer", "AutoTokenizer")

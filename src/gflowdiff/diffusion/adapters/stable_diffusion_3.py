@@ -30,16 +30,13 @@ class StableDiffusion3Adapter(ModelAdapter):
     FlowMatchEulerDiscreteScheduler (its shifted σ schedule).
 
     Args:
-        pretrained_model: a hub id, a local diffusers folder or ``embedded:<name>``.
-        revision: the hub revision.
-        frozen_dtype: dtype of the frozen components.
-        offload_text_encoders: keep the three text encoders on the CPU except inside ``encode_prompts`` (T5-XXL
-            alone is 4.7 B parameters).
         max_sequence_length: the T5 part's length in tokens. ``None``: 256 (the pipeline's default) when the folder
             has a T5 encoder; without one (``text_encoder_3: [null, null]``) the pipeline pads zeros of this length,
             and ``None`` means the CLIP tokenizer's ``model_max_length``: the length gflowdiff's own T5-less flow
             models are trained with. Give the length a model was trained with; the pipeline's 256 for a T5-less
             model needs ``max_sequence_length: 256`` here.
+
+    The other options are ModelAdapter's.
     """
 
     pipeline_class_name = "StableDiffusion3Pipeline"
@@ -49,15 +46,8 @@ class StableDiffusion3Adapter(ModelAdapter):
     time_convention = "sigma"
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
-    def __init__(
-        self,
-        pretrained_model: str,
-        revision: str | None = None,
-        frozen_dtype: torch.dtype = torch.float32,
-        offload_text_encoders: bool = False,
-        max_sequence_length: int | None = None,
-    ):
-        super().__init__(pretrained_model, revision, frozen_dtype, offload_text_encoders)
+    def __init__(self, *args, max_sequence_length: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)  # ModelAdapter's options
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
         if max_sequence_length is not None and not 1 <= max_sequence_length <= 512:

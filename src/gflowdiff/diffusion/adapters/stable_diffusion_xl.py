@@ -27,11 +27,7 @@ class StableDiffusionXLAdapter(ModelAdapter):
     (policy.py's ``load_scheduler``: SDXL ships EulerDiscrete with "leading" timesteps; the model input is the
     DDIM state, i.e. what Euler's ``scale_model_input`` hands the UNet).
 
-    Args:
-        pretrained_model: a hub id, a local diffusers folder or ``embedded:<name>``.
-        revision: the hub revision.
-        frozen_dtype: dtype of the frozen components.
-        offload_text_encoders: keep both text encoders on the CPU except inside ``encode_prompts``.
+    The options are ModelAdapter's.
     """
 
     pipeline_class_name = "StableDiffusionXLPipeline"
@@ -41,14 +37,8 @@ class StableDiffusionXLAdapter(ModelAdapter):
     time_convention = "discrete"
     text_encoder_names = ("text_encoder", "text_encoder_2")
 
-    def __init__(
-        self,
-        pretrained_model: str,
-        revision: str | None = None,
-        frozen_dtype: torch.dtype = torch.float32,
-        offload_text_encoders: bool = False,
-    ):
-        super().__init__(pretrained_model, revision, frozen_dtype, offload_text_encoders)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # ModelAdapter's options
         from diffusers import UNet2DConditionModel
 
         has_first = self.has_component("text_encoder")
