@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install gflowdiff with its pinned stack (CPU torch 2.13.0)
 
-demo: $(STAMP) ## train residual ∇-DB on the embedded digits model; ends with the TV to the exact target (≈ 9 min, 2 cores)
+demo: $(STAMP) ## train residual ∇-DB on the embedded digits model; ends with the TV to the exact target (≈ 6 min, 2 cores)
 	OMP_NUM_THREADS=$(THREADS) HF_HUB_OFFLINE=1 $(BIN)/gflowdiff fit --config configs/digits/residual_nabla_db.yaml
 	$(BIN)/python scripts/summarize_run.py runs/digits_residual_nabla_db
 
