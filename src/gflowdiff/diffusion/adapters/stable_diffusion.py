@@ -27,7 +27,24 @@ def module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-class StableDiffusionAdapter(ModelAdapter):
+class UNetAdapter(ModelAdapter):
+    """What the UNet families (SD, SDXL) share: the ``unet`` is the denoiser, and its DDIM-converted ``scheduler``
+    gives the time axis and what the UNet predicts."""
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.unet
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+
+class StableDiffusionAdapter(UNetAdapter):
     """SD 1.x / 2.x: ``text_encoder`` + ``tokenizer``, ``unet``, optional ``vae``; the scheduler's betas as a
     DDIMScheduler (policy.py's ``load_scheduler``: the sampler's own DDIM math).
 
@@ -50,18 +67,6 @@ class StableDiffusionAdapter(ModelAdapter):
         self.unet = self.load_diffusers(UNet2DConditionModel, "unet")
         self.vae = self.load_vae()
         self.scheduler = load_scheduler(self.path, self.load_kwargs)
-
-    @property
-    def denoiser(self) -> nn.Module:
-        return self.unet
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.scheduler.config.num_train_timesteps
-
-    @property
-    def prediction_type(self) -> str:
-        return self.scheduler.config.prediction_type
 
     def encode(self, prompts: list[str]) -> Conditioning:
         """The text encoder's last hidden states (B, L, D), as ``StableDiffusionPipeline.encode_prompt`` (no clip

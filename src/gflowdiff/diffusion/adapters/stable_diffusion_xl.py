@@ -14,14 +14,14 @@ is true (SDXL-base; the pipeline's default), else the empty prompt's encoding.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from gflowdiff.diffusion.adapters.base import Conditioning, ModelAdapter
-from gflowdiff.diffusion.adapters.stable_diffusion import clip_tokens, module_device
+from gflowdiff.diffusion.adapters.base import Conditioning
+from gflowdiff.diffusion.adapters.stable_diffusion import UNetAdapter, clip_tokens, module_device
 from gflowdiff.diffusion.loading import PRETRAINED_OPTION, load_scheduler
 
 
-class StableDiffusionXLAdapter(ModelAdapter):
+class StableDiffusionXLAdapter(UNetAdapter):
     """SDXL: ``tokenizer``/``text_encoder`` (CLIPTextModel, optional as in the refiner) and ``tokenizer_2``/
     ``text_encoder_2`` (CLIPTextModelWithProjection), ``unet``, ``vae``; the scheduler's betas as a DDIMScheduler
     (policy.py's ``load_scheduler``: SDXL ships EulerDiscrete with "leading" timesteps; the model input is the
@@ -69,18 +69,6 @@ class StableDiffusionXLAdapter(ModelAdapter):
                 f"{PRETRAINED_OPTION} {self.path}: the UNet's added embedding reads {expected} features, but 6 time "
                 f"ids × {config.addition_time_embed_dim} + text_encoder_2's projection_dim make {passed}"
             )
-
-    @property
-    def denoiser(self) -> nn.Module:
-        return self.unet
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.scheduler.config.num_train_timesteps
-
-    @property
-    def prediction_type(self) -> str:
-        return self.scheduler.config.prediction_type
 
     def time_ids_row(self) -> list[int]:
         """(original H, W; crop top, left; target H, W) for an uncropped square image at the model's size."""
