@@ -311,6 +311,21 @@ def test_noising_kernel_composes_to_the_rectified_flow_marginals():
     # so from x0 ~ N(m, C) the kernel's marginal at s is N((1 − s)·m, (1 − s)²·C + s²·I), the same as the ODE's
 
 
+def test_backward_sample_noises_data_to_the_marginal_at_s():
+    """x ~ P_B(x | x0) from x0 ~ N(m, C) has the rectified-flow marginal at s (the ODE's and the SDE's); both flow
+    kernels draw P_B the same way (it is a property of the marginals, not of the sampler)."""
+    generator = torch.Generator().manual_seed(0)
+    n = 200_000
+    x0 = DATA_MEAN + torch.randn(n, 2, dtype=torch.float64, generator=generator) @ torch.linalg.cholesky(DATA_COV).T
+    s, zero = torch.full((n,), 0.6, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    noise = torch.randn(n, 2, dtype=torch.float64, generator=generator)
+    x = FlowSDEKernel().backward_sample(x0, noise, s, zero)
+    assert torch.equal(EulerODE().backward_sample(x0, noise, s, zero), x)
+    mean, cov = marginal(s[:1])
+    torch.testing.assert_close(x.mean(0), mean[0], atol=0.01, rtol=0)
+    torch.testing.assert_close(torch.cov(x.T), cov[0], atol=0.01, rtol=0)
+
+
 # ---- the DDPM kernel is today's math --------------------------------------------------------------------------------
 def test_ddpm_kernel_is_bit_equal_to_the_math_functions():
     """Every step of SD-1.5's 50-step DDIM schedule at once; η = 1 and 0.5. Plugging the kernel in changes no
@@ -332,6 +347,8 @@ def test_ddpm_kernel_is_bit_equal_to_the_math_functions():
         assert torch.equal(kernel.mean(x, eps, abar_t, abar_prev), mean)
         assert torch.equal(kernel.sample(mean, std, z), x_next)
         assert torch.equal(kernel.x0(x, eps, abar_t), math.predicted_x0(x, eps, abar_t))
+        assert torch.equal(kernel.backward_sample(x_next, z, abar_t, abar_prev),
+                           math.backward_kernel_sample(x_next, abar_t, abar_prev, z))  # fmt: skip
         assert torch.equal(kernel.log_prob(x_next, mean, std), math.gaussian_log_prob(x_next, mean, std))
         assert torch.equal(kernel.forward_score(x_next, mean, std), math.forward_score(x_next, mean, std))
         for ours, theirs in zip(

@@ -15,11 +15,11 @@ from torch import Tensor
 
 import gflowdiff.objectives as objectives
 from gflowdiff.cli import main
-from gflowdiff.diffusion.math import ddim_mean, ddim_std, per_sample
+from gflowdiff.diffusion.math import backward_kernel_sample, ddim_mean, ddim_std, per_sample
 from gflowdiff.diffusion.sampling import SamplerConfig, sample_rollout
 from gflowdiff.evaluation.evaluator import EvaluationConfig
 from gflowdiff.objectives import DB, DDPO, DRaFT, NablaDB, Objective, ReFL, ResidualDB, ResidualNablaDB
-from gflowdiff.objectives._pathwise import renoise, reward_loss, window_bounds
+from gflowdiff.objectives._pathwise import reward_loss, window_bounds
 from gflowdiff.objectives._scalar_db import (
     backward_log_prob,
     db_residual,
@@ -154,11 +154,11 @@ def test_window_bounds():
     assert window_bounds(4, 0.99, 1.0) == (3, 4)  # never empty
 
 
-def test_renoise_is_the_one_step_noising_kernel():
+def test_the_ddpm_backward_sample_is_the_one_step_noising_kernel():
     x, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     abar_t, abar_prev = torch.tensor([0.64, 0.64]), torch.tensor([0.8, 0.8])
     # ᾱ_t/ᾱ_prev = 0.8: √0.8·x + √0.2·z
-    torch.testing.assert_close(renoise(x, abar_t, abar_prev, noise), 0.8**0.5 * x + 0.2**0.5 * noise)
+    torch.testing.assert_close(backward_kernel_sample(x, abar_t, abar_prev, noise), 0.8**0.5 * x + 0.2**0.5 * noise)
 
 
 def test_draft_k1_gradient_equals_autograd_through_one_step_by_hand(tiny_sd_path):

@@ -15,7 +15,7 @@ from gflowdiff.cli import main
 REPO = Path(__file__).resolve().parents[2]
 ATTENTION = "[to_q,to_k,to_v,to_out.0]"
 DIFFUSION_OBJECTIVES = ["residual_nabla_db", "nabla_db", "ddpo", "refl", "draft", "db", "residual_db"]
-FLOW_OBJECTIVES = ["residual_nabla_db", "nabla_db", "ddpo"]
+FLOW_OBJECTIVES = ["residual_nabla_db", "nabla_db", "ddpo", "refl", "draft"]
 
 
 def two_steps(config: str, model: str, root: Path, extra: list[str] = ()) -> list[str]:
@@ -69,7 +69,15 @@ def test_flow_objectives_train_two_steps_on_sd3(config, tiny_sd3_path, tmp_path,
     assert trained and any(torch.count_nonzero(p) for p in trained)  # the LoRA moved
 
 
-@pytest.mark.parametrize("config", ["refl", "draft", "db"])
+def test_draft_lv_renoises_with_the_flow_noising_kernel_on_sd3(tiny_sd3_path, tmp_path, monkeypatch):
+    """DRaFT-LV re-noises x_T with the flow model's P_B (kernels.FlowSDEKernel.backward_sample) and trains."""
+    cli = fit_two_steps("draft", str(tiny_sd3_path), tmp_path, monkeypatch,
+                        ["--model.sampler.eta", "0.7", "--model.objective.init_args.lv_samples", "2"])  # fmt: skip
+    trained = [p for name, p in cli.model.policy.transformer.named_parameters() if "lora_B" in name]
+    assert any(torch.count_nonzero(p) for p in trained)
+
+
+@pytest.mark.parametrize("config", ["db", "residual_db"])
 def test_an_objective_written_for_ddim_is_refused_on_a_flow_model(config, tiny_sd3_path, tmp_path, monkeypatch):
     from gflowdiff.diffusion import policy
 

@@ -46,7 +46,7 @@ def flow_score(x: Tensor, v: Tensor, s: Tensor) -> Tensor:
 
 def euler_ode_step(x: Tensor, v: Tensor, s: Tensor, s_next: Tensor) -> Tensor:
     """x' = x + v·dt with dt = s_next − s < 0: the deterministic probability-flow step (diffusers'
-    ``FlowMatchEulerDiscreteScheduler.step``). The evaluation sampler, and the reparameterised path of DRaFT/ReFL."""
+    ``FlowMatchEulerDiscreteScheduler.step``). The reference the SDE's marginals are tested against."""
     dtype = compute_dtype(x)
     dt = per_sample(s_next.to(dtype) - s.to(dtype), x.to(dtype))
     return x.to(dtype) + v.to(dtype) * dt
@@ -136,6 +136,14 @@ def flow_backward_kernel_scores(x: Tensor, x_next: Tensor, s: Tensor, s_next: Te
     ratio = per_sample(ratio, x)
     residual = (x - ratio * x_next) / per_sample(variance, x)
     return ratio * residual, -residual
+
+
+def flow_backward_kernel_sample(x_next: Tensor, s: Tensor, s_next: Tensor, noise: Tensor) -> Tensor:
+    """A draw of P_B(x|x') = N(r·x', τ²·I) (:func:`flow_noising_kernel`, x at s, x' at s_next < s): x = r·x' + τ·z,
+    the flow-model counterpart of ``math.backward_kernel_sample``. Computed in at least fp32."""
+    dtype = compute_dtype(x_next)
+    ratio, variance = flow_noising_kernel(s, s_next)
+    return per_sample(ratio, x_next) * x_next.to(dtype) + per_sample(variance.sqrt(), x_next) * noise.to(dtype)
 
 
 def check_flow_step_times(s: Tensor, s_next: Tensor) -> None:

@@ -69,6 +69,10 @@ class TransitionKernel(ABC):
     def backward_scores(self, x: Tensor, x_next: Tensor, time: Tensor, time_next: Tensor) -> tuple[Tensor, Tensor]:
         """(∇_{x'} log P_B(x|x'), ∇_x log P_B(x|x')), the P_B terms of the ∇-DB conditions (docs/method.md §2.2)."""
 
+    @abstractmethod
+    def backward_sample(self, x_next: Tensor, noise: Tensor, time: Tensor, time_next: Tensor) -> Tensor:
+        """A draw x ~ P_B(x|x') for a standard-normal ``noise``: x' noised back to ``time`` (DRaFT-LV)."""
+
     def sample(self, mean: Tensor, std: Tensor, noise: Tensor) -> Tensor:
         """x' = μ + σ·z for a standard-normal ``noise`` z."""
         return mean + math.per_sample(std, mean) * noise
@@ -118,6 +122,9 @@ class DDPMKernel(TransitionKernel):
     def backward_scores(self, x: Tensor, x_next: Tensor, time: Tensor, time_next: Tensor) -> tuple[Tensor, Tensor]:
         return math.backward_kernel_scores(x, x_next, time, time_next)
 
+    def backward_sample(self, x_next: Tensor, noise: Tensor, time: Tensor, time_next: Tensor) -> Tensor:
+        return math.backward_kernel_sample(x_next, time, time_next, noise)
+
 
 class FlowSDEKernel(TransitionKernel):
     """Euler–Maruyama steps of the SDE with the rectified-flow ODE's marginals (docs/method.md §10,
@@ -158,11 +165,14 @@ class FlowSDEKernel(TransitionKernel):
         return flow_math.flow_sde_std(time, time_next, self.noise_level)
 
     def ode_step(self, x: Tensor, output: Tensor, time: Tensor, time_next: Tensor) -> Tensor:
-        """The deterministic Euler step of the same model (evaluation sampling, DRaFT/ReFL): x + v·(s_next − s)."""
+        """The deterministic Euler step of the same model: x + v·(s_next − s)."""
         return flow_math.euler_ode_step(x, output, time, time_next)
 
     def backward_scores(self, x: Tensor, x_next: Tensor, time: Tensor, time_next: Tensor) -> tuple[Tensor, Tensor]:
         return flow_math.flow_backward_kernel_scores(x, x_next, time, time_next)
+
+    def backward_sample(self, x_next: Tensor, noise: Tensor, time: Tensor, time_next: Tensor) -> Tensor:
+        return flow_math.flow_backward_kernel_sample(x_next, time, time_next, noise)
 
     def log_prob(self, x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
         return super().log_prob(_upcast(x_next), mean, std)
@@ -176,7 +186,7 @@ class FlowSDEKernel(TransitionKernel):
 
 class EulerODE(TransitionKernel):
     """The deterministic Euler sampler of a rectified-flow model, x' = x + v·(s_next − s) (diffusers'
-    ``FlowMatchEulerDiscreteScheduler``): for evaluation samples and reward backpropagation (DRaFT, ReFL). It has
+    ``FlowMatchEulerDiscreteScheduler``), the reference for the SDE's marginals. It has
     no transition density: ``std`` is 0 and every log-prob or score raises :class:`NoTransitionDensityError`.
     ``time`` = s, ``time_next`` = s_next; ``output`` = the velocity v.
     """
@@ -209,6 +219,10 @@ class EulerODE(TransitionKernel):
 
     def backward_scores(self, x: Tensor, x_next: Tensor, time: Tensor, time_next: Tensor) -> tuple[Tensor, Tensor]:
         raise self._no_density("backward_scores")
+
+    def backward_sample(self, x_next: Tensor, noise: Tensor, time: Tensor, time_next: Tensor) -> Tensor:
+        """The rectified-flow noising kernel: P_B is a property of the marginals, not of the sampler."""
+        return flow_math.flow_backward_kernel_sample(x_next, time, time_next, noise)
 
     @staticmethod
     def _no_density(method: str) -> NoTransitionDensityError:
@@ -271,3 +285,7 @@ class TransitionStep:
 
     def backward_scores(self, x: Tensor, x_next: Tensor) -> tuple[Tensor, Tensor]:
         return self.kernel.backward_scores(x, x_next, self.time, self.time_next)
+
+    def backward_sample(self, x_next: Tensor, noise: Tensor) -> Tensor:
+        """x ~ P_B(x|x'): x' noised back to the step's ``time``."""
+        return self.kernel.backward_sample(x_next, noise, self.time, self.time_next)

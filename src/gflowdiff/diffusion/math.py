@@ -105,6 +105,14 @@ def backward_kernel_scores(x: Tensor, x_next: Tensor, abar_t: Tensor, abar_prev:
     return ratio.sqrt() * residual, -residual
 
 
+def backward_kernel_sample(x_next: Tensor, abar_t: Tensor, abar_prev: Tensor, noise: Tensor) -> Tensor:
+    """A draw of P_B(x|x') (:func:`backward_kernel_scores`): x = √(ᾱ_t/ᾱ_prev)·x' + √(1 − ᾱ_t/ᾱ_prev)·z, one DDPM
+    noising step from level ᾱ_prev back to ᾱ_t. Given a final sample x_T it is distributed like the state before
+    the last sampler step (DRaFT-LV, Clark et al. 2023, arXiv 2309.17400, Alg. 2). ``abar_*`` are (B,)."""
+    ratio = per_sample(abar_t / abar_prev, x_next)
+    return ratio.sqrt() * x_next + (1 - ratio).sqrt() * noise
+
+
 def previous_timesteps(timesteps: Tensor, num_train_timesteps: int, num_inference_steps: int) -> Tensor:
     """t − Δ with Δ = num_train_timesteps // num_inference_steps, as DDIMScheduler.step computes ``prev_timestep``."""
     return timesteps - num_train_timesteps // num_inference_steps

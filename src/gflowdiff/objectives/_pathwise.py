@@ -3,7 +3,8 @@
 Notation (docs/method.md §1, §6): the sampler goes from x_0 (noise) to x_T (the sample) in T steps; step j maps the
 state at DDPM timestep t_j to the state at t_j − Δ with P_F(x'|x) = N(μ_θ(x, t), σ_t² I). Written reparameterised,
 x' = μ_θ(x, t) + σ_t·z with z ~ N(0, I) drawn outside the model, a step is differentiable in θ (and in x), which is
-what lets these baselines backpropagate r(D(x_T)) into the LoRA.
+what lets these baselines backpropagate r(D(x_T)) into the LoRA. A flow model's steps are those of its SDE kernel
+(docs/method.md §10), written the same way.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from gflowdiff.diffusion.math import ddim_mean, ddim_std, per_sample, previous_timesteps
 from gflowdiff.objectives.base import ObjectiveContext
 
 
@@ -30,17 +30,6 @@ def reward_loss(rewards: Tensor, margin: float | None = None) -> Tensor:
     return torch.relu(margin - rewards).mean()
 
 
-def renoise(x: Tensor, abar_t: Tensor, abar_prev: Tensor, noise: Tensor) -> Tensor:
-    """x̃ = √(ᾱ_t/ᾱ_prev)·x + √(1 − ᾱ_t/ᾱ_prev)·z: one DDPM noising step from level ᾱ_prev back to ᾱ_t.
-
-    Notation: ``x`` → the final sample x_T (at level ᾱ_prev of the last step); the result is distributed like the state
-    before the last sampler step given x_T (DRaFT-LV, Clark et al. 2023 Alg. 2, "noise the final sample and denoise
-    once"). This is the backward kernel P_B(x|x') of docs/method.md §1. ``abar_*`` are (B,).
-    """
-    ratio = per_sample(abar_t / abar_prev, x)
-    return ratio.sqrt() * x + (1 - ratio).sqrt() * noise
-
-
 def window_bounds(num_steps: int, start_fraction: float, end_fraction: float) -> tuple[int, int]:
     """Step indices [lo, hi) of the window [start_fraction, end_fraction) of the T steps, never empty.
 
@@ -53,10 +42,11 @@ def window_bounds(num_steps: int, start_fraction: float, end_fraction: float) ->
 
 # ---- sampler steps --------------------------------------------------------------------------------------------------
 def sampler_schedule(ctx: ObjectiveContext) -> tuple[Tensor, Tensor]:
-    """(T,) timesteps t_j and (T,) t_j − Δ of the sampler in ``ctx`` (the same schedule as the rollout's)."""
-    steps = ctx.sampler.num_inference_steps
-    timesteps = ctx.policy.inference_timesteps(steps).to(ctx.policy.adapter.device)
-    return timesteps, previous_timesteps(timesteps, ctx.policy.num_train_timesteps, steps)
+    """(T,) times of the sampler's steps and (T,) times after them, as the rollout's (``DiffusionPolicy.step_times``:
+    t_j and t_j − Δ, or the flow model's σ_j·1000 and σ_{j+1}·1000)."""
+    device = ctx.policy.adapter.device
+    timesteps, next_timesteps = ctx.policy.step_times(ctx.sampler.num_inference_steps)
+    return timesteps.to(device), next_timesteps.to(device)
 
 
 def policy_step(
@@ -69,7 +59,8 @@ def policy_step(
     noise: Tensor,
     gradient_checkpointing: bool = False,
 ) -> Tensor:
-    """One reparameterised P_F step x' = μ_θ(x, t) + σ_t·z (differentiable when grad mode is on).
+    """One reparameterised P_F step x' = μ_θ(x, t) + σ_t·z of the policy's kernel (differentiable when grad mode is
+    on).
 
     ``gradient_checkpointing`` recomputes the UNet's activations in the backward pass instead of storing them
     (torch.utils.checkpoint), so backpropagating through many steps fits in memory. The noise z is drawn by the
@@ -82,9 +73,8 @@ def policy_step(
         )
     else:
         eps = policy.predict_noise(x, t, prompt_embeds, negative_embeds, sampler.guidance_scale)
-    abar_t, abar_prev = policy.alpha_bar(t), policy.alpha_bar(t_prev)
-    std = ddim_std(abar_t, abar_prev, sampler.eta)
-    return ddim_mean(x, eps, abar_t, abar_prev, std) + per_sample(std, x) * noise
+    step = policy.transition_step(t, t_prev, sampler.eta)  # DDIM-η, or the flow SDE
+    return step.kernel.sample(step.mean(x, eps), step.std, noise)
 
 
 def draw_noise(like: Tensor, generator: torch.Generator) -> Tensor:

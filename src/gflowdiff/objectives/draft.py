@@ -15,7 +15,6 @@ from gflowdiff.diffusion.types import ObjectiveOutput, Rollout, Transitions
 from gflowdiff.objectives._pathwise import (
     draw_noise,
     policy_step,
-    renoise,
     reward_loss,
     sample_between,
     sampler_schedule,
@@ -51,6 +50,7 @@ class DRaFT(Objective):
     """
 
     requires_reward_gradient = True
+    kernel_families = ("diffusion", "flow")  # reparameterised steps of the kernel; P_B's noising for DRaFT-LV
 
     def __init__(
         self,
@@ -120,8 +120,8 @@ class DRaFT(Objective):
             )  # fmt: skip
         x_final = x_final.repeat(n, 1, 1, 1)  # (n·B, C, H, W)
         t, t_prev = timesteps[last].repeat(len(x_final)), prev_timesteps[last].repeat(len(x_final))
-        abar_t, abar_prev = ctx.policy.alpha_bar(t), ctx.policy.alpha_bar(t_prev)
-        x_noisy = renoise(x_final, abar_t, abar_prev, draw_noise(x_final, ctx.generator))
+        step = ctx.policy.transition_step(t, t_prev, ctx.sampler.eta)
+        x_noisy = step.backward_sample(x_final, draw_noise(x_final, ctx.generator))
         prompt_embeds = chunk.prompt_embeds.repeat(n)  # n·B rows
         negative_embeds = chunk.negative_embeds.repeat(n)
         noise = draw_noise(x_noisy, ctx.generator)

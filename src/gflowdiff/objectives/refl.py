@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gflowdiff.diffusion.math import predicted_x0
 from gflowdiff.diffusion.types import ObjectiveOutput, Rollout, Transitions
 from gflowdiff.objectives._pathwise import reward_loss, sample_between, sampler_schedule, window_bounds
 from gflowdiff.objectives.base import Objective, ObjectiveContext
@@ -39,6 +38,7 @@ class ReFL(Objective):
     """
 
     requires_reward_gradient = True
+    kernel_families = ("diffusion", "flow")  # x̂0 and the steps come from the kernel (x − s·v on a flow model)
 
     def __init__(
         self,
@@ -83,9 +83,10 @@ class ReFL(Objective):
         x = sample_between(
             ctx, chunk.x, chunk.step, target, timesteps, prev_timesteps, chunk.prompt_embeds, chunk.negative_embeds
         )
-        t = timesteps[target.to(timesteps.device)]
-        eps = policy.predict_noise(x, t, chunk.prompt_embeds, chunk.negative_embeds, sampler.guidance_scale)
-        x0_hat = predicted_x0(x, eps, policy.alpha_bar(t))
+        index = target.to(timesteps.device)
+        t, t_prev = timesteps[index], prev_timesteps[index]
+        output = policy.predict_noise(x, t, chunk.prompt_embeds, chunk.negative_embeds, sampler.guidance_scale)
+        x0_hat = policy.transition_step(t, t_prev, sampler.eta).x0(x, output)
         rewards = ctx.reward(policy.decode(x0_hat), chunk.prompts)
         loss = self.loss_scale * reward_loss(rewards, self.margin)
         metrics = {
