@@ -63,7 +63,7 @@ def guided_samples(module, count: int, mode: str, draws: int, iterations: int, s
                         for _ in range(draws)
                     ]).mean(0)  # fmt: skip
                     mean = base + variance * scores
-            x = step.kernel.sample(mean, step.std, torch.randn(x.shape, generator=generator))
+            x = step.sample(mean, torch.randn(x.shape, generator=generator))
         images = policy.decode(x)
     return module.reward(images, prompts), module.reward.predict_classes(images)
 

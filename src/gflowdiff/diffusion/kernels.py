@@ -274,6 +274,10 @@ class TransitionStep:
         """x̂0 from x' (at ``time_next``) and the model's output there; ``rows``: x' holds only these rows."""
         return self.kernel.x0(x_next, output, self.time_next if rows is None else self.time_next[rows])
 
+    def sample(self, mean: Tensor, noise: Tensor) -> Tensor:
+        """x' = μ + σ·z for a standard-normal ``noise`` z."""
+        return self.kernel.sample(mean, self.std, noise)
+
     def log_prob(self, x_next: Tensor, mean: Tensor) -> Tensor:
         return self.kernel.log_prob(x_next, mean, self.std)
 

@@ -74,7 +74,7 @@ def sample_rollout(
             step = policy.transition_step(t_batch, t_prev_batch, sampler.eta)  # DDIM-η, or the flow SDE
             mean = step.mean(x, eps)
             noise = torch.randn(x.shape, generator=generator).to(x.device)
-            x = step.kernel.sample(mean, step.std, noise)
+            x = step.sample(mean, noise)
             latents.append(x)
             noise_preds.append(eps)
             log_probs.append(step.log_prob(x, mean))

@@ -74,7 +74,7 @@ def policy_step(
     else:
         eps = policy.predict_noise(x, t, prompt_embeds, negative_embeds, sampler.guidance_scale)
     step = policy.transition_step(t, t_prev, sampler.eta)  # DDIM-η, or the flow SDE
-    return step.kernel.sample(step.mean(x, eps), step.std, noise)
+    return step.sample(step.mean(x, eps), noise)
 
 
 def draw_noise(like: Tensor, generator: torch.Generator) -> Tensor:
