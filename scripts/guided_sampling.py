@@ -4,12 +4,15 @@ The ∇-DB forward condition trains the policy's mean to μ_#(x) + σ²·∇_{x'
 fits F̃_φ exactly as ``flow_head_fit: value`` does before training (the objective's own ``warm_up``) and then samples
 with that shift applied directly (classifier guidance with the fitted head; docs/why-residual-nabla-db-stalled.md):
 - ``at-mean``: x' ~ N(μ_# + σ²·∇ log F̃_φ(μ_#), σ²), the first-order tilt of the Gaussian step;
+- ``tilted``: the exact tilted kernel P_F^#(x'|x)·F̃_φ(x')/Z(x), by resampling ``--candidates`` pretrained candidates
+  of each step by F̃_φ: what any policy satisfying the forward condition with this head samples, Gaussian or not;
 - ``fixed-point``: the mean μ solving μ = μ_# + σ²·E_{x'~N(μ, σ²)}[∇ log F̃_φ(x')] (``--draws`` draws, a few
   iterations), which is what the forward condition's regression converges to for a Gaussian policy of fixed σ.
 The last step uses the exact terminal flow score β·∇r. If these samples already miss the target, the limit is the
 fitted head (or the Gaussian steps), not the policy's training; the samples are scored like ``make demo``'s.
 
 Usage: python scripts/guided_sampling.py [--trajectories 8192] [--epochs 6] [--steps 20] [--samples 512]
+       [--modes none at-mean tilted fixed-point] [--model embedded:digits_flow --eta 0.7]
 """
 
 from __future__ import annotations
@@ -25,14 +28,31 @@ from gflowdiff.rewards import DigitClassifierReward
 from gflowdiff.training.module import GFlowDiffModule
 
 
-def flow_score(module, x: torch.Tensor, t_next: torch.Tensor, embeds: torch.Tensor, prompts: list[str]):
-    """∇ log F̃ at states x of time t_next: the fitted head's, or β·∇r(x) after the last step (t_next < 0)."""
-    if int(t_next[0]) >= 0:
+def flow_score(module, x: torch.Tensor, t_next: torch.Tensor, embeds: torch.Tensor, prompts: list[str], last: bool):
+    """∇ log F̃ at states x of time t_next: the fitted head's, or β·∇r(x) after the last step."""
+    if not last:
         return module.flow_head(x, t_next, embeds)
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
         (gradient,) = torch.autograd.grad(module.reward(module.policy.decode(leaf), prompts).sum(), leaf)
     return gradient.detach()
+
+
+def flow_value(module, x: torch.Tensor, t_next: torch.Tensor, embeds: torch.Tensor, prompts: list[str], last: bool):
+    """log F̃ at states x of time t_next (up to a constant): the fitted head's log σ(logit), or β·r(x) at the end."""
+    if not last:
+        return torch.nn.functional.logsigmoid(module.flow_head.logit(x, t_next, embeds))
+    return module.reward(module.policy.decode(x), prompts)
+
+
+def tilted_step(module, step, base, t_next, embeds, prompts, last: bool, draws: int, generator) -> torch.Tensor:
+    """One draw of P_F^#(x'|x)·F̃_φ(x')/Z(x) per state: ``draws`` pretrained candidates, one kept with probability
+    ∝ F̃_φ (sampling-importance-resampling; exact as draws → ∞). What a policy with any transition shape, not only
+    a Gaussian one, would sample under the forward condition with this head."""
+    candidates = torch.stack([step.sample(base, torch.randn(base.shape, generator=generator)) for _ in range(draws)])
+    log_weights = torch.stack([flow_value(module, c, t_next, embeds, prompts, last) for c in candidates], 1)  # (B, K)
+    choice = torch.multinomial(torch.softmax(log_weights.double(), 1), 1, generator=generator).squeeze(1)
+    return candidates[choice, torch.arange(base.shape[0])]
 
 
 @torch.no_grad()
@@ -44,22 +64,25 @@ def guided_samples(module, count: int, mode: str, draws: int, iterations: int, s
     timesteps, prev_timesteps = policy.step_times(sampler.num_inference_steps)
     x = initial_noise(policy, count, generator)
     with policy.reference():
-        for t, t_prev in zip(timesteps, prev_timesteps, strict=True):
-            tb, pb = t.repeat(count), t_prev.repeat(count)
+        for j, (t, t_prev) in enumerate(zip(timesteps, prev_timesteps, strict=True)):
+            tb, pb, last = t.repeat(count), t_prev.repeat(count), j == len(timesteps) - 1
             eps = policy.predict_noise(x, tb, embeds, negative, sampler.guidance_scale)
             step = policy.transition_step(tb, pb, sampler.eta)
             base = step.mean(x, eps)
             variance = step.std.view(-1, *[1] * (x.dim() - 1)) ** 2
             if mode == "none":
                 mean = base
+            elif mode == "tilted":  # the exact tilted kernel P_F^#(x'|x)·F̃_φ(x') / Z(x), by resampling candidates
+                x = tilted_step(module, step, base, pb, embeds.embeds, prompts, last, draws, generator)
+                continue
             elif mode == "at-mean":
-                mean = base + variance * flow_score(module, base, pb, embeds.embeds, prompts)
+                mean = base + variance * flow_score(module, base, pb, embeds.embeds, prompts, last)
             else:
                 mean = base.clone()
                 for _ in range(iterations):
                     scores = torch.stack([
                         flow_score(module, mean + variance.sqrt() * torch.randn(x.shape, generator=generator), pb,
-                                   embeds.embeds, prompts)
+                                   embeds.embeds, prompts, last)
                         for _ in range(draws)
                     ]).mean(0)  # fmt: skip
                     mean = base + variance * scores
@@ -76,9 +99,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--target-samples", type=int, default=4096)
     parser.add_argument("--modes", nargs="+", default=["none", "at-mean", "fixed-point"])
-    parser.add_argument("--draws", type=int, default=4)
+    parser.add_argument("--draws", type=int, default=4, help="noise draws per fixed-point iteration")
+    parser.add_argument("--candidates", type=int, default=64, help="pretrained candidates per tilted step")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="embedded:digits", help="embedded:digits_flow: the flow model's SDE")
+    parser.add_argument("--eta", type=float, default=1.0, help="DDIM η, or the flow SDE's noise level (0.7)")
     args = parser.parse_args()
 
     objective = ResidualNablaDB(
@@ -89,7 +115,8 @@ def main() -> None:
         value_warmup_epochs=args.epochs,
     )
     reward = DigitClassifierReward(target_classes=[0, 2, 4, 6, 8])
-    module = GFlowDiffModule(objective, reward, sampler=SamplerConfig(args.steps, 1.0, 1.0), seed=args.seed)
+    sampler = SamplerConfig(args.steps, 1.0, args.eta)
+    module = GFlowDiffModule(objective, reward, pretrained_model=args.model, sampler=sampler, seed=args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     metrics = objective.warm_up(module.context(generator), ["a handwritten digit"])
     print(f"value head fitted on {args.trajectories} trajectories × {args.epochs} epochs, T = {args.steps}: {metrics}")
@@ -101,7 +128,8 @@ def main() -> None:
         accepted += float(rewards.double().exp().sum())
     pool_rewards, pool_classes = torch.cat(pool_rewards), torch.cat(pool_classes)
     for mode in args.modes:
-        rewards, classes = guided_samples(module, args.samples, mode, args.draws, args.iterations, 1)
+        draws = args.candidates if mode == "tilted" else args.draws
+        rewards, classes = guided_samples(module, args.samples, mode, draws, args.iterations, 1)
         result = target_fidelity(classes, pool_classes, pool_rewards, 1.0, 0.0, seed=0)
         histogram = torch.bincount(classes, minlength=10).float() / len(classes)
         even = float(histogram[0::2].sum())

@@ -98,6 +98,19 @@ def test_last_step_matches_diffusers_with_set_alpha_to_one():
     torch.testing.assert_close(mean, predicted_x0(x, eps, abar_t))
 
 
+def test_deterministic_ddim_step_matches_diffusers_at_eta_0(scheduler):
+    """--model.sampler.eta 0 on a diffusion model: DDIMODE's step equals DDIMScheduler.step(eta=0)."""
+    from gflowdiff.diffusion.kernels import DDIMODE
+
+    torch.manual_seed(0)
+    x, eps = torch.randn(2, 1, *SHAPE).unbind(0)
+    for t in (981, 401, 1):
+        timesteps = torch.tensor([t])
+        abar_t, abar_prev = schedule_terms(scheduler, timesteps)
+        ours = DDIMODE().mean(x, eps, abar_t, abar_prev)
+        torch.testing.assert_close(scheduler.step(eps, t, x, eta=0.0).prev_sample, ours, atol=1e-5, rtol=1e-5)
+
+
 def test_schedule_matches_method_md_table(scheduler):
     timesteps = torch.tensor([981, 401, 1])
     abar_t, abar_prev = schedule_terms(scheduler, timesteps)

@@ -27,7 +27,7 @@ from gflowdiff.diffusion.flow_math import (
     flow_sde_std,
     flow_x0,
 )
-from gflowdiff.diffusion.kernels import DDPMKernel, EulerODE, FlowSDEKernel, NoTransitionDensityError
+from gflowdiff.diffusion.kernels import DDIMODE, DDPMKernel, EulerODE, FlowSDEKernel, NoTransitionDensityError
 
 DATA_MEAN = torch.tensor([1.5, -1.0], dtype=torch.float64)
 DATA_COV = torch.tensor([[0.5, 0.3], [0.3, 0.4]], dtype=torch.float64)  # correlation 0.67
@@ -432,7 +432,26 @@ def test_euler_ode_kernel_has_no_density_and_says_so():
         "backward_scores": lambda: kernel.backward_scores(x, x, s, s_next),
     }
     for name, call in calls.items():
-        with pytest.raises(NoTransitionDensityError, match=f"EulerODE.{name}.*need a stochastic kernel"):
+        with pytest.raises(NoTransitionDensityError, match=f"EulerODE.{name}.*eta 0.*need a stochastic kernel"):
+            call()
+
+
+def test_deterministic_ddim_kernel_is_the_ddpm_mean_with_no_noise_and_no_density():
+    """DDIMODE (--model.sampler.eta 0 on a diffusion model): DDPMKernel(η)'s mean formula at σ = 0, no density."""
+    torch.manual_seed(0)
+    x, eps = torch.randn(2, 3, 1, 4, 4).unbind(0)
+    abar, abar_next = torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0.2, 0.7, 0.99])
+    kernel = DDIMODE()
+    assert not kernel.stochastic
+    assert torch.equal(kernel.std(abar, abar_next), torch.zeros(3))
+    mean = kernel.mean(x, eps, abar, abar_next)
+    x0 = (x - (1 - abar).sqrt()[:, None, None, None] * eps) / abar.sqrt()[:, None, None, None]  # DDIM Eq. 12, σ = 0
+    expected = abar_next.sqrt()[:, None, None, None] * x0 + (1 - abar_next).sqrt()[:, None, None, None] * eps
+    torch.testing.assert_close(mean, expected)
+    assert torch.equal(kernel.sample(mean, kernel.std(abar, abar_next), torch.randn_like(x)), mean)
+    for call in (lambda: kernel.log_prob(x, x, abar), lambda: kernel.forward_score(x, x, abar),
+                 lambda: kernel.backward_scores(x, x, abar, abar_next)):  # fmt: skip
+        with pytest.raises(NoTransitionDensityError, match="DDIMODE.*eta 0"):
             call()
 
 

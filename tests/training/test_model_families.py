@@ -77,6 +77,44 @@ def test_draft_lv_renoises_with_the_flow_noising_kernel_on_sd3(tiny_sd3_path, tm
     assert any(torch.count_nonzero(p) for p in trained)
 
 
+@pytest.mark.parametrize("config", ["refl", "draft"])
+def test_reward_backprop_trains_through_the_euler_ode_on_sd3(config, tiny_sd3_path, tmp_path, monkeypatch):
+    """--model.sampler.eta 0 on a flow model is the Euler ODE (no density): ReFL and DRaFT train through it, and the
+    rollout carries no log-probs."""
+    from gflowdiff.diffusion.kernels import EulerODE
+
+    cli = fit_two_steps(config, str(tiny_sd3_path), tmp_path, monkeypatch, ["--model.sampler.eta", "0"])
+    policy = cli.model.policy
+    times, next_times = policy.step_times(3)
+    assert isinstance(policy.transition_step(times, next_times, cli.model.sampler.eta).kernel, EulerODE)
+    trained = [p for name, p in policy.transformer.named_parameters() if "lora_B" in name]
+    assert any(torch.count_nonzero(p) for p in trained)
+
+
+def test_draft_trains_through_deterministic_ddim_on_sdxl(tiny_sdxl_path, tmp_path, monkeypatch):
+    """--model.sampler.eta 0 on a diffusion model is DDIM η = 0 (kernels.DDIMODE)."""
+    from gflowdiff.diffusion.kernels import DDIMODE
+
+    cli = fit_two_steps("draft", str(tiny_sdxl_path), tmp_path, monkeypatch, ["--model.sampler.eta", "0"])
+    policy = cli.model.policy
+    times, next_times = policy.step_times(3)
+    assert isinstance(policy.transition_step(times, next_times, 0.0).kernel, DDIMODE)
+    trained = [p for name, p in policy.unet.named_parameters() if "lora_B" in name]
+    assert any(torch.count_nonzero(p) for p in trained)
+
+
+@pytest.mark.parametrize("config", ["residual_nabla_db", "ddpo"])
+def test_an_objective_needing_a_density_refuses_the_deterministic_sampler(config, tiny_sd3_path, tmp_path, monkeypatch):
+    from gflowdiff.diffusion import policy
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the sampler was checked")
+
+    monkeypatch.setattr(policy.DiffusionPolicy, "__init__", no_loading)
+    with pytest.raises(ValueError, match=r"--model.sampler.eta 0 is the deterministic sampler.*--model.objective"):
+        main(two_steps(config, str(tiny_sd3_path), tmp_path, ["--model.sampler.eta", "0"]))
+
+
 @pytest.mark.parametrize("config", ["db", "residual_db"])
 def test_an_objective_written_for_ddim_is_refused_on_a_flow_model(config, tiny_sd3_path, tmp_path, monkeypatch):
     from gflowdiff.diffusion import policy
@@ -107,6 +145,29 @@ def test_exported_sd3_lora_reproduces_the_fine_tuned_transformer(tiny_sd3_path, 
         loaded = pipe.transformer(
             hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled
         ).sample
+        with policy.reference():
+            pretrained = policy.guided_output(x, t, cond, cond, 1.0)
+    assert (tuned - pretrained).abs().max() > 1e-6  # two steps moved the LoRA
+    torch.testing.assert_close(loaded, tuned, rtol=1e-5, atol=1e-5)
+
+
+def test_exported_sdxl_lora_reproduces_the_fine_tuned_unet(tiny_sdxl_path, tmp_path, monkeypatch):
+    """After fit, ``StableDiffusionXLPipeline.load_lora_weights(<run>/lora)`` gives the fine-tuned UNet (called with
+    SDXL's pooled ``text_embeds`` and ``time_ids``)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    cli = fit_two_steps("residual_nabla_db", str(tiny_sdxl_path), tmp_path, monkeypatch)
+    policy = cli.model.policy
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    pipe.load_lora_weights(Path(cli.trainer.log_dir) / "lora")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, policy.latent_channels, policy.latent_size, policy.latent_size, generator=generator)
+    cond = policy.encode_prompts(["a handwritten digit 3", "a cat"])
+    t = torch.tensor([800, 200])
+    with torch.no_grad():
+        tuned = policy.guided_output(x, t, cond, cond, 1.0)
+        added = {"text_embeds": cond.pooled, "time_ids": cond.extra["time_ids"]}
+        loaded = pipe.unet(x, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=added).sample
         with policy.reference():
             pretrained = policy.guided_output(x, t, cond, cond, 1.0)
     assert (tuned - pretrained).abs().max() > 1e-6  # two steps moved the LoRA

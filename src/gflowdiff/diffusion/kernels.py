@@ -11,6 +11,7 @@ kernel         ``time``, ``time_next`` model ``output``      the step
 DDPMKernel     ᾱ_t, ᾱ_{t−Δ}            ε̂ (CFG-combined)      DDIM-η mean and std (``math``)
 FlowSDEKernel  s, s_next (s_next < s)  velocity v ≈ ε − x0   Euler–Maruyama step of the flow SDE (``flow_math``)
 EulerODE       s, s_next               velocity v            Euler step of the ODE; deterministic, no density
+DDIMODE        ᾱ_t, ᾱ_{t−Δ}            ε̂ (CFG-combined)      DDIM η = 0; deterministic, no density
 ============== ======================= ===================== ==============================================
 
 One step: ``mean = kernel.mean(x, output, time, time_next)``, ``std = kernel.std(time, time_next)``,
@@ -126,6 +127,32 @@ class DDPMKernel(TransitionKernel):
         return math.backward_kernel_sample(x_next, time, time_next, noise)
 
 
+class DDIMODE(DDPMKernel):
+    """Deterministic DDIM (η = 0): the same mean as :class:`DDPMKernel` with σ = 0, x' = μ(x). It has no transition
+    density, so only the objectives that backpropagate the reward through the sampler (ReFL, DRaFT) and evaluation
+    run on it; every log-prob or score raises :class:`NoTransitionDensityError`. P_B stays the DDPM noising kernel."""
+
+    stochastic = False
+
+    def __init__(self) -> None:
+        self.eta = 0.0
+
+    def __repr__(self) -> str:
+        return "DDIMODE()"
+
+    def log_prob(self, x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        raise _no_density("DDIMODE", "log_prob")
+
+    def forward_score(self, x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        raise _no_density("DDIMODE", "forward_score")
+
+    def reverse_score(self, x: Tensor, x_next: Tensor, mean: Tensor, std: Tensor, create_graph: bool = False) -> Tensor:
+        raise _no_density("DDIMODE", "reverse_score")
+
+    def backward_scores(self, x: Tensor, x_next: Tensor, time: Tensor, time_next: Tensor) -> tuple[Tensor, Tensor]:
+        raise _no_density("DDIMODE", "backward_scores")
+
+
 class FlowSDEKernel(TransitionKernel):
     """Euler–Maruyama steps of the SDE with the rectified-flow ODE's marginals (docs/method.md §10,
     ``flow_math.flow_sde_mean``). ``time`` = s, ``time_next`` = s_next with 0 ≤ s_next < s ≤ 1 (checked: anything
@@ -209,28 +236,28 @@ class EulerODE(TransitionKernel):
         return torch.zeros_like(time, dtype=torch.promote_types(time.dtype, torch.float32))
 
     def log_prob(self, x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-        raise self._no_density("log_prob")
+        raise _no_density("EulerODE", "log_prob")
 
     def forward_score(self, x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-        raise self._no_density("forward_score")
+        raise _no_density("EulerODE", "forward_score")
 
     def reverse_score(self, x: Tensor, x_next: Tensor, mean: Tensor, std: Tensor, create_graph: bool = False) -> Tensor:
-        raise self._no_density("reverse_score")
+        raise _no_density("EulerODE", "reverse_score")
 
     def backward_scores(self, x: Tensor, x_next: Tensor, time: Tensor, time_next: Tensor) -> tuple[Tensor, Tensor]:
-        raise self._no_density("backward_scores")
+        raise _no_density("EulerODE", "backward_scores")
 
     def backward_sample(self, x_next: Tensor, noise: Tensor, time: Tensor, time_next: Tensor) -> Tensor:
         """The rectified-flow noising kernel: P_B is a property of the marginals, not of the sampler."""
         return flow_math.flow_backward_kernel_sample(x_next, time, time_next, noise)
 
-    @staticmethod
-    def _no_density(method: str) -> NoTransitionDensityError:
-        return NoTransitionDensityError(
-            f"EulerODE.{method}: the Euler ODE sampler is deterministic and has no transition density. The "
-            "GFlowNet objectives (and anything that needs log P_F or its scores, such as DDPO) need a stochastic "
-            "kernel: use FlowSDEKernel(noise_level > 0)."
-        )
+
+def _no_density(kernel: str, method: str) -> NoTransitionDensityError:
+    return NoTransitionDensityError(
+        f"{kernel}.{method}: this sampler is deterministic (--model.sampler.eta 0) and has no transition density. "
+        "The GFlowNet objectives (and anything that needs log P_F or its scores, such as DDPO) need a stochastic "
+        "kernel: --model.sampler.eta > 0."
+    )
 
 
 def _upcast(x: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from gflowdiff.diffusion.adapter_rows import LoraRowMask, all_rows
 from gflowdiff.diffusion.adapters import load_adapter
 from gflowdiff.diffusion.conditioning import Conditioning
-from gflowdiff.diffusion.kernels import DDPMKernel, FlowSDEKernel, TransitionStep, flow_signal
+from gflowdiff.diffusion.kernels import DDIMODE, DDPMKernel, EulerODE, FlowSDEKernel, TransitionStep, flow_signal
 from gflowdiff.diffusion.loading import (  # noqa: F401 (re-exported: policy.py was their home)
     EMBEDDED_MODELS,
     PRETRAINED_OPTION,
@@ -157,11 +157,13 @@ class DiffusionPolicy(nn.Module):
     def transition_step(self, t: Tensor, t_prev: Tensor, eta: float) -> TransitionStep:
         """The sampler steps t → t_prev (per-sample (B,) timesteps) as the sampler and the objectives see them:
         DDIM-η on ᾱ for diffusion models; for flow models the SDE with the ODE's marginals at noise level a = η on
-        σ = t / num_train_timesteps (docs/method.md §10)."""
+        σ = t / num_train_timesteps (docs/method.md §10). η = 0 is the deterministic sampler of each family (the
+        Euler ODE, DDIM η = 0): no transition density, for ReFL, DRaFT and evaluation only."""
         if self.kernel_family == "flow":
             scale = self.num_train_timesteps
-            return TransitionStep.of(FlowSDEKernel(eta), t.float() / scale, t_prev.float() / scale)
-        return TransitionStep.of(DDPMKernel(eta), self.alpha_bar(t), self.alpha_bar(t_prev))
+            kernel = FlowSDEKernel(eta) if eta > 0 else EulerODE()
+            return TransitionStep.of(kernel, t.float() / scale, t_prev.float() / scale)
+        return TransitionStep.of(DDPMKernel(eta) if eta > 0 else DDIMODE(), self.alpha_bar(t), self.alpha_bar(t_prev))
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """The denoiser's conditioning for each prompt, as the family's pipeline builds it (no gradients)."""

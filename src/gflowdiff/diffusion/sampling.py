@@ -22,8 +22,9 @@ class SamplerConfig:
         num_inference_steps: number of sampler steps T.
         guidance_scale: classifier-free guidance weight w (1 = no guidance, a single UNet pass).
         eta: the sampler's noise. Diffusion models: DDIM η, 1 gives the DDPM posterior variance. Flow models: the
-            noise level a of the SDE with the ODE's marginals, σ_s = a·√(s/(1−s)) (Flow-GRPO uses 0.7). Must be
-            > 0: the objectives need a stochastic policy.
+            noise level a of the SDE with the ODE's marginals, σ_s = a·√(s/(1−s)) (Flow-GRPO uses 0.7). 0 is the
+            deterministic sampler (DDIM η = 0, the Euler ODE): it has no transition density, so only ReFL and DRaFT
+            train with it (the others refuse it at start-up).
         merge_lora: fold the LoRA into the base weights while sampling (faster; the weights are restored exactly).
             ``null`` (auto): only with fp32 frozen weights, where the merged sampler equals the unmerged one up to
             fp32 rounding; ``true`` also merges bf16/fp16 weights (measured deviation: docs/performance.md).
@@ -37,8 +38,8 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:
             raise ValueError("--model.sampler.num_inference_steps must be >= 1")
-        if self.eta <= 0:
-            raise ValueError("--model.sampler.eta must be > 0 (a deterministic sampler has no transition density)")
+        if self.eta < 0:
+            raise ValueError(f"--model.sampler.eta must be >= 0 (0: the deterministic sampler), got {self.eta}")
 
 
 def initial_noise(policy: DiffusionPolicy, batch_size: int, generator: torch.Generator) -> Tensor:
@@ -77,7 +78,8 @@ def sample_rollout(
             x = step.sample(mean, noise)
             latents.append(x)
             noise_preds.append(eps)
-            log_probs.append(step.log_prob(x, mean))
+            if step.kernel.stochastic:
+                log_probs.append(step.log_prob(x, mean))
 
     images = policy.decode(x)
     rewards = reward(images, prompts) if reward is not None else torch.zeros(batch_size, device=x.device)
@@ -86,7 +88,7 @@ def sample_rollout(
         timesteps=timesteps,
         prev_timesteps=prev_timesteps,
         noise_preds=torch.stack(noise_preds, dim=1),  # (B, T, C, H, W)
-        log_probs=torch.stack(log_probs, dim=1),  # (B, T)
+        log_probs=torch.stack(log_probs, dim=1) if log_probs else None,  # (B, T); none for a deterministic sampler
         prompt_embeds=prompt_embeds,
         negative_embeds=negative_embeds,
         prompts=list(prompts),

@@ -24,7 +24,9 @@ class Rollout:
     timesteps: Tensor  # (T,) DDPM timestep t of each sampler step
     prev_timesteps: Tensor  # (T,) t − Δ (negative on the last step)
     noise_preds: Tensor  # (B, T, C, H, W) behaviour policy's CFG-combined ε̂ (trust-region anchor, docs/method.md §2.8)
-    log_probs: Tensor  # (B, T) log P_F(x_{j+1}|x_j) under the behaviour policy (policy-gradient baselines)
+    # (B, T) log P_F(x_{j+1}|x_j) under the behaviour policy (policy-gradient baselines); None for a deterministic
+    # sampler (--model.sampler.eta 0), which has no density
+    log_probs: Tensor | None
     prompt_embeds: Conditioning  # the prompts' conditioning (text embeddings (B, L, D), pooled, ...)
     negative_embeds: Conditioning  # the CFG branch's (the empty prompt's, or zeros: the family's pipeline rule)
     prompts: list[str]
@@ -53,7 +55,7 @@ class Rollout:
             t_prev=self.prev_timesteps[step],
             step=step,
             noise_pred_old=self.noise_preds[trajectory, step],
-            log_prob_old=self.log_probs[trajectory, step],
+            log_prob_old=None if self.log_probs is None else self.log_probs[trajectory, step],
             prompt_embeds=self.prompt_embeds[trajectory],
             negative_embeds=self.negative_embeds[trajectory],
             prompts=[self.prompts[i] for i in trajectory.tolist()],
@@ -101,7 +103,7 @@ class Transitions:
     t_prev: Tensor  # (N,)
     step: Tensor  # (N,) sampler step index j
     noise_pred_old: Tensor  # (N, C, H, W)
-    log_prob_old: Tensor  # (N,)
+    log_prob_old: Tensor | None  # (N,); None for a deterministic sampler
     prompt_embeds: Conditioning  # N rows
     negative_embeds: Conditioning  # N rows
     prompts: list[str]

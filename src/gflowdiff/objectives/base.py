@@ -41,6 +41,9 @@ class Objective(nn.Module, ABC):
     #: The transition kernels this objective's math is written for (diffusion/kernels.py): "diffusion" (DDIM/DDPM
     #: on ᾱ) and, where it only uses the kernel's mean, std, log-prob and scores, "flow" (the flow SDE).
     kernel_families: ClassVar[tuple[str, ...]] = ("diffusion",)
+    #: The objective needs log P_F or its scores (every objective but the reward-backprop ones), so a deterministic
+    #: sampler (--model.sampler.eta 0) is refused.
+    needs_transition_density: ClassVar[bool] = True
 
     @property
     def uses_flow_head(self) -> bool:
@@ -73,7 +76,16 @@ class Objective(nn.Module, ABC):
                 f"--model.objective {type(self).__name__} runs on {' and '.join(self.kernel_families)} models; "
                 f"--model.pretrained_model {model} is a {kernel_family} model (its sampler is the "
                 f"{'flow SDE' if kernel_family == 'flow' else 'DDIM/DDPM kernel'}). On flow models use "
-                "ResidualNablaDB, NablaDB or DDPO."
+                "ResidualNablaDB, NablaDB, DDPO, ReFL or DRaFT."
+            )
+
+    def check_sampler(self, sampler: SamplerConfig) -> None:
+        """Raise before any heavy work if this objective needs a transition density the sampler does not have."""
+        if self.needs_transition_density and sampler.eta == 0:
+            raise ValueError(
+                f"--model.sampler.eta 0 is the deterministic sampler (DDIM η = 0, the Euler ODE), which has no "
+                f"transition density; --model.objective {type(self).__name__} needs log P_F or its scores: use "
+                "eta > 0 (ReFL and DRaFT train with eta 0)"
             )
 
     def prepare_rollout(self, rollout: Rollout, ctx: ObjectiveContext) -> Rollout:

@@ -51,6 +51,7 @@ class DRaFT(Objective):
 
     requires_reward_gradient = True
     kernel_families = ("diffusion", "flow")  # reparameterised steps of the kernel; P_B's noising for DRaFT-LV
+    needs_transition_density = False  # it backpropagates through the steps: the deterministic sampler works too
 
     def __init__(
         self,

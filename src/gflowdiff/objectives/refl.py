@@ -39,6 +39,7 @@ class ReFL(Objective):
 
     requires_reward_gradient = True
     kernel_families = ("diffusion", "flow")  # x̂0 and the steps come from the kernel (x − s·v on a flow model)
+    needs_transition_density = False  # it backpropagates through the steps: the deterministic sampler works too
 
     def __init__(
         self,

@@ -108,6 +108,7 @@ class GFlowDiffModule(L.LightningModule):
         super().__init__()
         objective.check_compatible(reward)  # before any heavy loading
         objective.check_kernel(adapter_for(pretrained_model, adapter, revision).kernel_family, pretrained_model)
+        objective.check_sampler(sampler)
         self.save_hyperparameters(ignore=["optimizer"])
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trainable state (checkpointing.py)
