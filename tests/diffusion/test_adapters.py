@@ -341,3 +341,23 @@ def test_bf16_frozen_components_give_fp32_outputs_near_the_fp32_model(request, f
     scale = outs[0].abs().max()
     assert max_difference(*outs) < 0.1 * scale  # bf16 rounding only (7-bit mantissa through a few layers)
     assert max_difference(*images) < 0.1
+
+
+def test_sd3_dynamic_shifting_uses_the_pipelines_resolution_dependent_shift(tiny_sd3_path, tmp_path):
+    """A scheduler with ``use_dynamic_shifting`` (e.g. SD3.5 fine-tunes at other resolutions) needs the shift μ the
+    pipeline computes from the latent's token count: the adapter's σ schedule equals the one the pipeline sampled."""
+    from diffusers import StableDiffusion3Pipeline
+
+    folder = tmp_path / "dynamic"
+    shutil.copytree(tiny_sd3_path, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text()) | {"use_dynamic_shifting": True, "base_shift": 0.4, "max_shift": 1.3}
+    config_file.write_text(json.dumps(config))
+    adapter = StableDiffusion3Adapter(str(folder), max_sequence_length=SD3_T5_LENGTH)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    pipe("a cat", num_inference_steps=3, output_type="latent", generator=torch.Generator().manual_seed(0),
+         **pipeline_call_options("sd3"))  # fmt: skip
+    sampled = pipe.scheduler.sigmas.float()
+    torch.testing.assert_close(adapter.sigmas(3), sampled)
+    unshifted = StableDiffusion3Adapter(str(tiny_sd3_path), max_sequence_length=SD3_T5_LENGTH).sigmas(3)
+    assert (adapter.sigmas(3) - unshifted).abs().max() > 1e-3  # the dynamic shift changed the schedule

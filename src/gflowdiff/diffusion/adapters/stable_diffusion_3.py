@@ -83,9 +83,21 @@ class StableDiffusion3Adapter(ModelAdapter):
 
     def sigmas(self, num_inference_steps: int) -> Tensor:
         """The scheduler's σ for ``num_inference_steps`` steps (its shift applied), 1 → 0, with the final 0:
-        (num_inference_steps + 1,) fp32."""
-        self.scheduler.set_timesteps(num_inference_steps)
+        (num_inference_steps + 1,) fp32. A scheduler with ``use_dynamic_shifting`` gets the resolution-dependent
+        shift μ the pipeline passes it (:meth:`dynamic_shift`)."""
+        options = {"mu": self.dynamic_shift()} if self.scheduler.config.get("use_dynamic_shifting") else {}
+        self.scheduler.set_timesteps(num_inference_steps, **options)
         return self.scheduler.sigmas.float().clone()
+
+    def dynamic_shift(self) -> float:
+        """μ for the latent's token count n = (latent size / patch size)², as ``StableDiffusion3Pipeline`` computes
+        it: linear in n from ``base_shift`` at ``base_image_seq_len`` to ``max_shift`` at ``max_image_seq_len`` (the
+        scheduler config's values, else the pipeline's defaults 0.5 at 256 and 1.16 at 4096)."""
+        config = self.scheduler.config
+        tokens = (self.latent_size // self.transformer.config.patch_size) ** 2
+        base_tokens, max_tokens = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.16)
+        return base_shift + (max_shift - base_shift) * (tokens - base_tokens) / (max_tokens - base_tokens)
 
     def timestep(self, sigma: Tensor) -> Tensor:
         """The transformer's ``timestep`` for σ: σ·num_train_timesteps."""
