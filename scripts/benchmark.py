@@ -296,7 +296,7 @@ def component_figures(
     def unet():
         x = latents.clone().requires_grad_(True)
         with autocast():
-            eps = policy.predict_noise(x, t, embeds, negative, module.sampler.guidance_scale)
+            eps = policy.kernel_output(x, t, embeds, negative, module.sampler.guidance_scale)
         torch.autograd.grad(eps.float().square().sum(), x)
 
     def decoder():

@@ -46,7 +46,7 @@ def continue_from(module, x: torch.Tensor, step: int, generator: torch.Generator
     with policy.reference():
         for t, t_prev in zip(timesteps, prev, strict=True):
             tb, pb = t.repeat(len(x)), t_prev.repeat(len(x))
-            eps = policy.predict_noise(x, tb, embeds, negative, sampler.guidance_scale)
+            eps = policy.kernel_output(x, tb, embeds, negative, sampler.guidance_scale)
             abar_t, abar_prev = policy.alpha_bar(tb), policy.alpha_bar(pb)
             std = ddim_std(abar_t, abar_prev, sampler.eta)
             noise = torch.randn(x.shape, generator=generator)
@@ -92,9 +92,9 @@ def main() -> None:
         exact, p_even = torch.stack(exact), torch.stack(p_even)
         with torch.no_grad():
             embeds, negative = rollout.prompt_embeds, rollout.negative_embeds
-            eps = policy.predict_noise(x, t, embeds, negative, sampler.guidance_scale)
+            eps = policy.kernel_output(x, t, embeds, negative, sampler.guidance_scale)
             with policy.reference():
-                eps_ref = policy.predict_noise(x, t, embeds, negative, sampler.guidance_scale)
+                eps_ref = policy.kernel_output(x, t, embeds, negative, sampler.guidance_scale)
             tilt = (ddim_mean(x, eps, abar_t, abar_prev, std) - ddim_mean(x, eps_ref, abar_t, abar_prev, std)) / (
                 per_sample(std, x) ** 2
             )
@@ -102,7 +102,7 @@ def main() -> None:
         weighting = getattr(objective, "reward_guess_weighting", "off")
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)
-            eps_leaf = policy.predict_noise(leaf, t, embeds, negative, sampler.guidance_scale)
+            eps_leaf = policy.kernel_output(leaf, t, embeds, negative, sampler.guidance_scale)
             x0 = predicted_x0(leaf, eps_leaf, abar_t)
             (guess,) = torch.autograd.grad(module.reward(policy.decode(x0), prompts).sum(), leaf)
         guess = per_sample(beta * guess_weight(abar_t, weighting), guess) * guess

@@ -66,7 +66,7 @@ def guided_samples(module, count: int, mode: str, draws: int, iterations: int, s
     with policy.reference():
         for j, (t, t_prev) in enumerate(zip(timesteps, prev_timesteps, strict=True)):
             tb, pb, last = t.repeat(count), t_prev.repeat(count), j == len(timesteps) - 1
-            eps = policy.predict_noise(x, tb, embeds, negative, sampler.guidance_scale)
+            eps = policy.kernel_output(x, tb, embeds, negative, sampler.guidance_scale)
             step = policy.transition_step(tb, pb, sampler.eta)
             base = step.mean(x, eps)
             variance = step.std.view(-1, *[1] * (x.dim() - 1)) ** 2

@@ -31,7 +31,7 @@ def predict(policy, x, guidance, lora_rows=None):
     embeds = policy.encode_prompts((["a cat", "a red cow", "a dog"] * 2)[:n])
     negative = policy.encode_prompts([""] * n)
     t = torch.tensor([900, 500, 20] * 2)[:n]
-    return policy.predict_noise(x, t, embeds, negative, guidance, lora_rows=lora_rows)
+    return policy.kernel_output(x, t, embeds, negative, guidance, lora_rows=lora_rows)
 
 
 @pytest.mark.parametrize("model", ["tiny-sd", "digits-conv-lora"])

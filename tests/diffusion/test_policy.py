@@ -33,11 +33,11 @@ def test_reference_pass_equals_the_base_unet(tiny_sd_path):
     policy = DiffusionPolicy(str(tiny_sd_path))
     x, t, cond, uncond = noise_inputs(policy)
     with torch.no_grad():
-        at_init = policy.predict_noise(x, t, cond, uncond, guidance_scale=3.0)
+        at_init = policy.kernel_output(x, t, cond, uncond, guidance_scale=3.0)
         perturb_lora(policy)
-        tuned = policy.predict_noise(x, t, cond, uncond, guidance_scale=3.0)
+        tuned = policy.kernel_output(x, t, cond, uncond, guidance_scale=3.0)
         with policy.reference():
-            reference = policy.predict_noise(x, t, cond, uncond, guidance_scale=3.0)
+            reference = policy.kernel_output(x, t, cond, uncond, guidance_scale=3.0)
         base = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
         eps_u, eps_c = base(
             torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond.embeds, cond.embeds])

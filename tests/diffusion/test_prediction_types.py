@@ -56,7 +56,7 @@ def test_one_step_matches_diffusers_ddim_step(tiny_sd_path, tmp_path, prediction
         t_batch, t_prev_batch = t.repeat(2), t_prev.repeat(2)
         with torch.no_grad():
             output = policy.guided_output(x, t_batch, cond, uncond, guidance_scale)
-            eps = policy.predict_noise(x, t_batch, cond, uncond, guidance_scale)
+            eps = policy.kernel_output(x, t_batch, cond, uncond, guidance_scale)
         abar_t, abar_prev = policy.alpha_bar(t_batch), policy.alpha_bar(t_prev_batch)
         std = ddim_std(abar_t, abar_prev)
         ours = ddim_mean(x, eps, abar_t, abar_prev, std) + per_sample(std, x) * noise

@@ -175,7 +175,7 @@ def test_draft_k1_gradient_equals_autograd_through_one_step_by_hand(tiny_sd_path
     last = rollout.num_steps - 1
     x = rollout.latents[:, last]
     t, t_prev = rollout.timesteps[last].repeat(2), rollout.prev_timesteps[last].repeat(2)
-    eps = policy.predict_noise(x, t, rollout.prompt_embeds, rollout.negative_embeds, TINY_SAMPLER.guidance_scale)
+    eps = policy.kernel_output(x, t, rollout.prompt_embeds, rollout.negative_embeds, TINY_SAMPLER.guidance_scale)
     abar_t, abar_prev = policy.alpha_bar(t), policy.alpha_bar(t_prev)
     std = ddim_std(abar_t, abar_prev, TINY_SAMPLER.eta)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
@@ -215,7 +215,7 @@ def test_refl_gradient_equals_one_x0_prediction_by_hand(tiny_sd_path):
     output = module.objective.loss(chunk, module.context(torch.Generator().manual_seed(3)))
 
     x, t = rollout.latents[torch.arange(2), chunk.step], rollout.timesteps[chunk.step]
-    eps = policy.predict_noise(x, t, rollout.prompt_embeds, rollout.negative_embeds, TINY_SAMPLER.guidance_scale)
+    eps = policy.kernel_output(x, t, rollout.prompt_embeds, rollout.negative_embeds, TINY_SAMPLER.guidance_scale)
     abar = per_sample(policy.alpha_bar(t), x)
     x0_hat = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
     expected = -module.reward(policy.decode(x0_hat), PROMPTS).mean()
@@ -270,7 +270,7 @@ def test_residual_db_residual_vanishes_when_policy_is_pretrained_and_flows_match
         abar_t, abar_prev = policy.alpha_bar(chunk.t), policy.alpha_bar(chunk.t_prev)
         std = ddim_std(abar_t, abar_prev, TINY_SAMPLER.eta)
         with torch.no_grad():
-            eps = policy.predict_noise(chunk.x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, 2.0)
+            eps = policy.kernel_output(chunk.x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, 2.0)
         log_pf = reduced_gaussian_log_prob(chunk.x_next, ddim_mean(chunk.x, eps, abar_t, abar_prev, std), std)
         return log_pf, objective.prior_log_prob(chunk, ctx, std, abar_t, abar_prev)
 

@@ -133,7 +133,7 @@ class GaussianPolicy(nn.Module):
     def unconditional(self, batch_size: int) -> Conditioning:
         return self.encode_prompts([""] * batch_size)
 
-    def predict_noise(
+    def kernel_output(
         self, x: Tensor, t: Tensor, prompt_embeds: Tensor, negative_embeds: Tensor, guidance_scale: float
     ) -> Tensor:
         k = rows_of(self.steps, t.expand(x.shape[0]) if t.dim() == 0 else t)
@@ -203,7 +203,7 @@ def affine_steps(policy: GaussianPolicy) -> list[tuple[Tensor, Tensor, Tensor]]:
     probes = torch.cat([torch.zeros(1, DIM), torch.eye(DIM)]).view(DIM + 1, DIM, 1, 1)
     steps = []
     for t, abar_t, abar_prev, std in zip(policy.steps, *schedule(policy), strict=True):
-        eps = policy.predict_noise(probes, t, None, None, SAMPLER.guidance_scale).to(F64)
+        eps = policy.kernel_output(probes, t, None, None, SAMPLER.guidance_scale).to(F64)
         mean = ddim_mean(probes.to(F64), eps, abar_t.expand(DIM + 1), abar_prev.expand(DIM + 1), std.expand(DIM + 1))
         mean = mean.flatten(1)
         steps.append(((mean[1:] - mean[0]).T, mean[0], std))
@@ -325,7 +325,7 @@ def test_closed_form_noise_predictor_is_the_regression_optimum():
         fit = torch.linalg.lstsq(design, eps.to(F64)).solution  # (3, 2): [Pᵀ; qᵀ]
         with policy.reference():
             probes = torch.cat([torch.eye(DIM), torch.zeros(1, DIM)]).view(DIM + 1, DIM, 1, 1)
-            closed = policy.predict_noise(probes, policy.steps[k], None, None, 1.0).flatten(1)
+            closed = policy.kernel_output(probes, policy.steps[k], None, None, 1.0).flatten(1)
         expected = torch.cat([(closed[:DIM] - closed[DIM]), closed[DIM:]]).to(F64)  # rows: P e_i, then q
         assert max_error(fit, expected) < 0.015, (k, fit, expected)  # measured ≤ 0.0045, entries up to 1.0
 

@@ -120,9 +120,9 @@ def test_fit_with_compile_logs_the_eager_runs_losses_and_metrics(tiny_sd_path, t
     ]
     policy, guidance = eager.model.policy, eager.model.sampler.guidance_scale
     with torch.no_grad():  # the LoRA moves ε̂ on these rows: a mask that failed would change the prior's scores
-        tuned = policy.predict_noise(chunk.x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, guidance)
+        tuned = policy.kernel_output(chunk.x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, guidance)
         with policy.reference():
-            pretrained = policy.predict_noise(chunk.x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, guidance)
+            pretrained = policy.kernel_output(chunk.x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, guidance)
     assert (tuned - pretrained).abs().max() > 1e-2
     assert compiled.model.objective.pass_structure == "stacked" and eager.model.objective.pass_structure == "fused"
     assert losses[1] == pytest.approx(losses[0], rel=1e-4), losses
@@ -133,7 +133,7 @@ def test_fit_with_compile_logs_the_eager_runs_losses_and_metrics(tiny_sd_path, t
         for batch_size in (3, 5, 7):
             embeds = policy.encode_prompts(["a cat"] * batch_size)
             latents = torch.randn(batch_size, policy.latent_channels, policy.latent_size, policy.latent_size)
-            policy.predict_noise(latents, torch.full((batch_size,), 500), embeds, embeds, 3.0)
+            policy.kernel_output(latents, torch.full((batch_size,), 500), embeds, embeds, 3.0)
             policy.decode(latents)
             graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1] == graphs[2], graphs

@@ -102,7 +102,7 @@ class DiffusionPolicy(nn.Module):
         self.latent_size = model.latent_size
         model.add_lora(lora.rank, lora.alpha, list(lora.target_modules))  # lora_B = 0: step 0 is the pretrained model
         self.lora_row_mask = LoraRowMask(self.denoiser)
-        self.prediction_type = model.prediction_type  # what the denoiser outputs; predict_noise → ε̂
+        self.prediction_type = model.prediction_type  # what the denoiser outputs; kernel_output → ε̂
         if self.kernel_family == "diffusion":
             self.scheduler = model.scheduler
             self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.float().clone(), persistent=False)
@@ -173,7 +173,7 @@ class DiffusionPolicy(nn.Module):
         """The CFG branch's conditioning, as the family's pipeline builds it without a negative prompt."""
         return self.adapter.unconditional(batch_size)
 
-    def predict_noise(
+    def kernel_output(
         self,
         x: Tensor,
         t: Tensor,

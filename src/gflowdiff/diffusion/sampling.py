@@ -71,7 +71,7 @@ def sample_rollout(
     with policy.merged_lora() if merge else nullcontext():
         for t, t_prev in zip(timesteps, prev_timesteps, strict=True):
             t_batch, t_prev_batch = t.repeat(batch_size), t_prev.repeat(batch_size)
-            eps = policy.predict_noise(x, t_batch, prompt_embeds, negative_embeds, sampler.guidance_scale)
+            eps = policy.kernel_output(x, t_batch, prompt_embeds, negative_embeds, sampler.guidance_scale)
             step = policy.transition_step(t_batch, t_prev_batch, sampler.eta)  # DDIM-η, or the flow SDE
             mean = step.mean(x, eps)
             noise = torch.randn(x.shape, generator=generator).to(x.device)

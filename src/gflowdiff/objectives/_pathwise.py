@@ -69,10 +69,10 @@ def policy_step(
     policy, sampler = ctx.policy, ctx.sampler
     if gradient_checkpointing and torch.is_grad_enabled():
         eps = checkpoint(
-            policy.predict_noise, x, t, prompt_embeds, negative_embeds, sampler.guidance_scale, use_reentrant=False
+            policy.kernel_output, x, t, prompt_embeds, negative_embeds, sampler.guidance_scale, use_reentrant=False
         )
     else:
-        eps = policy.predict_noise(x, t, prompt_embeds, negative_embeds, sampler.guidance_scale)
+        eps = policy.kernel_output(x, t, prompt_embeds, negative_embeds, sampler.guidance_scale)
     step = policy.transition_step(t, t_prev, sampler.eta)  # DDIM-η, or the flow SDE
     return step.sample(step.mean(x, eps), noise)
 

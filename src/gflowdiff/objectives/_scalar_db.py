@@ -173,7 +173,7 @@ class ScalarDBObjective(Objective):
         learned = scalar_log_flow(ctx.flow_head(x_next, t_prev, conditioning.embeds))
         if self.forward_looking:
             with torch.no_grad():
-                eps = ctx.policy.predict_noise(
+                eps = ctx.policy.kernel_output(
                     x_next, t_prev, conditioning, chunk.negative_embeds[rows], ctx.sampler.guidance_scale
                 )
             prompts = [chunk.prompts[i] for i in rows.tolist()]
@@ -188,7 +188,7 @@ class ScalarDBObjective(Objective):
         std = ddim_std(abar_t, abar_prev, sampler.eta)
 
         log_prior = self.prior_log_prob(chunk, ctx, std, abar_t, abar_prev)
-        eps = policy.predict_noise(chunk.x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, sampler.guidance_scale)
+        eps = policy.kernel_output(chunk.x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, sampler.guidance_scale)
         mean = ddim_mean(chunk.x, eps, abar_t, abar_prev, std)
         log_pf = reduced_gaussian_log_prob(chunk.x_next, mean, std, self.log_prob_reduction)
         log_flow = self.log_flow_current(chunk, eps, abar_t, ctx)

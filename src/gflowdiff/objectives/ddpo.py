@@ -186,7 +186,7 @@ class DDPO(Objective):
             raise ValueError("DDPO.loss needs transitions from DDPO.transitions (they carry the advantages)")
         policy, sampler = ctx.policy, ctx.sampler
         step = policy.transition_step(chunk.t, chunk.t_prev, sampler.eta)  # DDIM-η, or the flow SDE (Flow-GRPO's)
-        eps = policy.predict_noise(chunk.x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, sampler.guidance_scale)
+        eps = policy.kernel_output(chunk.x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, sampler.guidance_scale)
         mean = step.mean(chunk.x, eps)
         num_elements = chunk.x[0].numel()
         log_prob = reduce_log_prob(step.log_prob(chunk.x_next, mean), num_elements, self.log_prob_reduction)

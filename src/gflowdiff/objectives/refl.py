@@ -86,7 +86,7 @@ class ReFL(Objective):
         )
         index = target.to(timesteps.device)
         t, t_prev = timesteps[index], prev_timesteps[index]
-        output = policy.predict_noise(x, t, chunk.prompt_embeds, chunk.negative_embeds, sampler.guidance_scale)
+        output = policy.kernel_output(x, t, chunk.prompt_embeds, chunk.negative_embeds, sampler.guidance_scale)
         x0_hat = policy.transition_step(t, t_prev, sampler.eta).x0(x, output)
         rewards = ctx.reward(policy.decode(x0_hat), chunk.prompts)
         loss = self.loss_scale * reward_loss(rewards, self.margin)

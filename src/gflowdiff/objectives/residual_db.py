@@ -35,7 +35,7 @@ class ResidualDB(ScalarDBObjective):
     ) -> Tensor:
         """log P_F^#(x'|x) under the pretrained policy (a constant: no graph through the reference pass)."""
         with ctx.policy.reference():
-            eps = ctx.policy.predict_noise(
+            eps = ctx.policy.kernel_output(
                 chunk.x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, ctx.sampler.guidance_scale
             )
         mean = ddim_mean(chunk.x, eps, abar_t, abar_prev, std)

@@ -74,7 +74,7 @@ def stacked_passes(
             groups.insert(0, (x_pretrained, chunk.t, None, False))
         groups = [group for group in groups if len(group[0])]
         sizes = [len(group[0]) for group in groups]
-        eps = policy.predict_noise(
+        eps = policy.kernel_output(
             torch.cat([group[0] for group in groups]),
             torch.cat([_rows(group[1], group[2]) for group in groups]),
             Conditioning.cat([_rows(chunk.prompt_embeds, group[2]) for group in groups]),

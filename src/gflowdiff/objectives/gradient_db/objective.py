@@ -352,7 +352,7 @@ class GradientDBObjective(Objective):
         x0_hat = x_next
         if (~terminal).any() and self.reward_guess_weighting != "off":
             rows = (~terminal).nonzero().squeeze(1)
-            eps = ctx.policy.predict_noise(
+            eps = ctx.policy.kernel_output(
                 x_next[rows],
                 chunk.t_prev[rows],
                 chunk.prompt_embeds[rows],
@@ -453,7 +453,7 @@ class GradientDBObjective(Objective):
     def policy_pass(self, chunk: Transitions, ctx: ObjectiveContext, step: TransitionStep) -> PolicyPass:
         """ε̂_θ(x, t) with LoRA on; x requires grad for the reverse score and the reward guess at x."""
         x = chunk.x.detach().requires_grad_(True)
-        eps = ctx.policy.predict_noise(
+        eps = ctx.policy.kernel_output(
             x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, ctx.sampler.guidance_scale
         )
         mean = step.mean(x, eps)

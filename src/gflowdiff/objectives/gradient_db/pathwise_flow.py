@@ -41,7 +41,7 @@ def pretrained_step_vjp(
     at x (shape of x) and the pretrained log-density of the stored next state (B,)."""
     with torch.enable_grad(), policy.reference():
         x = x.detach().requires_grad_(True)
-        eps = policy.predict_noise(x, t, prompt_embeds, negative_embeds, sampler.guidance_scale)
+        eps = policy.kernel_output(x, t, prompt_embeds, negative_embeds, sampler.guidance_scale)
         abar_t, abar_prev = policy.alpha_bar(t), policy.alpha_bar(t_prev)
         std = ddim_std(abar_t, abar_prev, sampler.eta)
         mean = ddim_mean(x, eps, abar_t, abar_prev, std)

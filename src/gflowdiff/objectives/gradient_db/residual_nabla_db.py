@@ -45,7 +45,7 @@ class ResidualNablaDB(GradientDBObjective):
         need_reverse = self.reverse_loss_scale > 0
         x = chunk.x.detach().requires_grad_(need_reverse)
         with torch.set_grad_enabled(need_reverse), ctx.policy.reference():
-            eps = ctx.policy.predict_noise(
+            eps = ctx.policy.kernel_output(
                 x, chunk.t, chunk.prompt_embeds, chunk.negative_embeds, ctx.sampler.guidance_scale
             )
             mean = step.mean(x, eps)
