@@ -28,29 +28,33 @@ from gflowdiff.rewards import DigitClassifierReward
 from gflowdiff.training.module import GFlowDiffModule
 
 
-def flow_score(module, x: torch.Tensor, t_next: torch.Tensor, embeds: torch.Tensor, prompts: list[str], last: bool):
-    """∇ log F̃ at states x of time t_next: the fitted head's, or β·∇r(x) after the last step."""
+def flow_score(module, x: torch.Tensor, t_next: torch.Tensor, embeds: torch.Tensor, prompts: list[str], last: bool,
+               denoise=None):  # fmt: skip
+    """∇ log F̃ at states x of time t_next: the fitted head's, or β·∇r(x) after the last step. ``denoise``: x ↦ x̂0_#(x)
+    for a head that reads it (``value_head_input: state_and_denoised``)."""
     if not last:
-        return module.flow_head(x, t_next, embeds)
+        return module.flow_head(x, t_next, embeds, **({} if denoise is None else {"denoise": denoise}))
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
         (gradient,) = torch.autograd.grad(module.reward(module.policy.decode(leaf), prompts).sum(), leaf)
     return gradient.detach()
 
 
-def flow_value(module, x: torch.Tensor, t_next: torch.Tensor, embeds: torch.Tensor, prompts: list[str], last: bool):
+def flow_value(module, x: torch.Tensor, t_next: torch.Tensor, embeds: torch.Tensor, prompts: list[str], last: bool,
+               denoise=None):  # fmt: skip
     """log F̃ at states x of time t_next (up to a constant): the fitted head's log σ(logit), or β·r(x) at the end."""
     if not last:
-        return torch.nn.functional.logsigmoid(module.flow_head.logit(x, t_next, embeds))
+        denoised = None if denoise is None else denoise(x)
+        return torch.nn.functional.logsigmoid(module.flow_head.logit(x, t_next, embeds, denoised))
     return module.reward(module.policy.decode(x), prompts)
 
 
-def tilted_step(module, step, base, t_next, embeds, prompts, last: bool, draws: int, generator) -> torch.Tensor:
+def tilted_step(module, step, base, t_next, embeds, prompts, last, denoise, draws: int, generator) -> torch.Tensor:
     """One draw of P_F^#(x'|x)·F̃_φ(x')/Z(x) per state: ``draws`` pretrained candidates, one kept with probability
     ∝ F̃_φ (sampling-importance-resampling; exact as draws → ∞). What a policy with any transition shape, not only
     a Gaussian one, would sample under the forward condition with this head."""
     candidates = torch.stack([step.sample(base, torch.randn(base.shape, generator=generator)) for _ in range(draws)])
-    log_weights = torch.stack([flow_value(module, c, t_next, embeds, prompts, last) for c in candidates], 1)  # (B, K)
+    log_weights = torch.stack([flow_value(module, c, t_next, embeds, prompts, last, denoise) for c in candidates], 1)
     choice = torch.multinomial(torch.softmax(log_weights.double(), 1), 1, generator=generator).squeeze(1)
     return candidates[choice, torch.arange(base.shape[0])]
 
@@ -59,6 +63,7 @@ def tilted_step(module, step, base, t_next, embeds, prompts, last: bool, draws: 
 def guided_samples(module, count: int, mode: str, draws: int, iterations: int, seed: int) -> tuple:
     policy, sampler = module.policy, module.sampler
     generator = torch.Generator().manual_seed(seed)
+    context = module.context(generator)
     prompts = ["a handwritten digit"] * count
     embeds, negative = policy.encode_prompts(prompts), policy.unconditional(count)
     timesteps, prev_timesteps = policy.step_times(sampler.num_inference_steps)
@@ -69,20 +74,21 @@ def guided_samples(module, count: int, mode: str, draws: int, iterations: int, s
             eps = policy.kernel_output(x, tb, embeds, negative, sampler.guidance_scale)
             step = policy.transition_step(tb, pb, sampler.eta)
             base = step.mean(x, eps)
+            denoise = module.objective.pretrained_denoiser(context, pb, embeds, negative, step, at_next=True)
             variance = step.std.view(-1, *[1] * (x.dim() - 1)) ** 2
             if mode == "none":
                 mean = base
             elif mode == "tilted":  # the exact tilted kernel P_F^#(x'|x)·F̃_φ(x') / Z(x), by resampling candidates
-                x = tilted_step(module, step, base, pb, embeds.embeds, prompts, last, draws, generator)
+                x = tilted_step(module, step, base, pb, embeds.embeds, prompts, last, denoise, draws, generator)
                 continue
             elif mode == "at-mean":
-                mean = base + variance * flow_score(module, base, pb, embeds.embeds, prompts, last)
+                mean = base + variance * flow_score(module, base, pb, embeds.embeds, prompts, last, denoise)
             else:
                 mean = base.clone()
                 for _ in range(iterations):
                     scores = torch.stack([
                         flow_score(module, mean + variance.sqrt() * torch.randn(x.shape, generator=generator), pb,
-                                   embeds.embeds, prompts, last)
+                                   embeds.embeds, prompts, last, denoise)
                         for _ in range(draws)
                     ]).mean(0)  # fmt: skip
                     mean = base + variance * scores
@@ -103,6 +109,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=64, help="pretrained candidates per tilted step")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--head-input", default="state_and_denoised", choices=["state", "state_and_denoised"])
     parser.add_argument("--model", default="embedded:digits", help="embedded:digits_flow: the flow model's SDE")
     parser.add_argument("--eta", type=float, default=1.0, help="DDIM η, or the flow SDE's noise level (0.7)")
     args = parser.parse_args()
@@ -113,13 +120,15 @@ def main() -> None:
         reverse_loss_scale=0.0,
         value_warmup_trajectories=args.trajectories,
         value_warmup_epochs=args.epochs,
+        value_head_input=args.head_input,
     )
     reward = DigitClassifierReward(target_classes=[0, 2, 4, 6, 8])
     sampler = SamplerConfig(args.steps, 1.0, args.eta)
     module = GFlowDiffModule(objective, reward, pretrained_model=args.model, sampler=sampler, seed=args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     metrics = objective.warm_up(module.context(generator), ["a handwritten digit"])
-    print(f"value head fitted on {args.trajectories} trajectories × {args.epochs} epochs, T = {args.steps}: {metrics}")
+    print(f"value head ({args.head_input}) fitted on {args.trajectories} trajectories × {args.epochs} epochs, "
+          f"T = {args.steps}: {metrics}")  # fmt: skip
 
     pool_rewards, pool_classes, accepted = [], [], 0.0
     while accepted < args.target_samples:  # exact target samples by rejection from pretrained draws

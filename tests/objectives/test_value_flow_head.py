@@ -38,24 +38,30 @@ def test_soft_labels_and_their_loss_minimiser():
     assert float(best) == pytest.approx(0.4, abs=0.005)
 
 
-def test_warm_up_fits_the_exact_flow_score_of_a_curved_reward():
+@pytest.mark.parametrize("head_input", ["state", "state_and_denoised"])
+def test_warm_up_fits_the_exact_flow_score_of_a_curved_reward(head_input):
     policy, reward = GaussianPolicy(), bounded_reward()
-    head = ValueFlowHead(channels=DIM, sample_size=1, cross_attention_dim=1)
     objective = ResidualNablaDB(
         reward_scale=BETA, flow_head_fit="value", reward_guess_weighting="off", reverse_loss_scale=0.0,
-        value_warmup_trajectories=8192, value_warmup_epochs=8,
+        value_warmup_trajectories=8192, value_warmup_epochs=8, value_head_input=head_input,
     )  # fmt: skip
+    head = ValueFlowHead(channels=DIM, sample_size=1, cross_attention_dim=1,
+                         denoised_input=objective.value_head_reads_denoised)  # fmt: skip
     objective.check_compatible(reward)
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    objective.warm_up(ObjectiveContext(policy, reward, SAMPLER, head, generator), [""])
+    context = ObjectiveContext(policy, reward, SAMPLER, head, generator)
+    objective.warm_up(context, [""])
     with policy.reference():
         rollout = sample_rollout(policy, [""] * 512, reward, SAMPLER, torch.Generator().manual_seed(1))
     exact = exact_flow_scores(policy, reward)
     errors = []
     for k in (2, 8, 14, 18):
-        x = rollout.latents[:, k]
-        fitted = head(x, rollout.timesteps[k].repeat(512), rollout.prompt_embeds.embeds).flatten(1).to(F64)
+        x, t = rollout.latents[:, k], rollout.timesteps[k].repeat(512)
+        step = policy.transition_step(t, rollout.prev_timesteps[k].repeat(512), SAMPLER.eta)
+        denoise = objective.pretrained_denoiser(context, t, rollout.prompt_embeds, rollout.negative_embeds, step, False)
+        options = {} if denoise is None else {"denoise": denoise}
+        fitted = head(x, t, rollout.prompt_embeds.embeds, **options).flatten(1).to(F64)
         curvature, slope = exact[k]
         truth = slope - x.flatten(1).to(F64) @ curvature.T  # ∇ log F̃_k(x) = h_k − H_k x
         errors.append(float((fitted - truth).norm(dim=1).mean() / truth.norm(dim=1).mean()))
@@ -69,6 +75,30 @@ def test_value_fit_needs_a_bounded_reward_and_the_whole_flow_score():
     objective = ResidualNablaDB(flow_head_fit="value", reward_guess_weighting="off", reverse_loss_scale=0.0)
     with pytest.raises(ValueError, match="needs a reward with a known upper bound"):
         objective.check_compatible(QuadraticReward(**QUADRATIC))
+
+
+def test_a_head_reading_the_denoised_sample_differentiates_through_the_denoiser():
+    """With denoised_input the flow score is the total derivative ∇_x log σ(logit(x, D(x))), D's Jacobian included."""
+    torch.manual_seed(0)
+    head = ValueFlowHead(channels=1, sample_size=8, cross_attention_dim=4, denoised_input=True)
+    torch.nn.init.normal_(head.head[-1].weight, std=0.3)  # not flat
+    weight = torch.randn(64, 64) / 8
+
+    def denoise(x):  # a nonlinear stand-in for x̂0_#(x)
+        return torch.tanh(x.flatten(1) @ weight).view_as(x)
+
+    x, t, embeds = torch.randn(3, 1, 8, 8), torch.tensor([901, 401, 21]), torch.randn(3, 2, 4)
+    leaf = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(
+        torch.nn.functional.logsigmoid(head.logit(leaf, t, embeds, denoise(leaf))).sum(), leaf
+    )
+    torch.testing.assert_close(head(x, t, embeds, denoise=denoise), expected)
+    partial = torch.autograd.grad(  # holding D(x) fixed gives a different field
+        torch.nn.functional.logsigmoid(head.logit(leaf, t, embeds, denoise(x))).sum(), leaf
+    )[0]
+    assert (partial - expected).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="denoised_input"):
+        head(x, t, embeds)
 
 
 def test_value_fit_loss_is_the_soft_label_cross_entropy():

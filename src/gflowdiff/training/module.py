@@ -134,7 +134,10 @@ class GFlowDiffModule(L.LightningModule):
         self.flow_head: FlowHead | ValueFlowHead | None = None
         if objective.uses_flow_head:
             kind = getattr(objective, "flow_head_kind", "score")
-            self.flow_head = ValueFlowHead(*dims) if kind == "value" else FlowHead(flow_head, *dims)
+            if kind == "value":
+                self.flow_head = ValueFlowHead(*dims, denoised_input=objective.value_head_reads_denoised)
+            else:
+                self.flow_head = FlowHead(flow_head, *dims)
         apply_performance_options(performance, self.policy, self.flow_head, self.reward)
         self.trainable_names = {name for name, p in self.named_parameters() if p.requires_grad}
         self.rollouts_done = 0
