@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=64, help="pretrained candidates per tilted step")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--head-input", default="state_and_denoised", choices=["state", "state_and_denoised"])
+    parser.add_argument("--head-input", default="state", choices=["state", "state_and_denoised"])
     parser.add_argument("--model", default="embedded:digits", help="embedded:digits_flow: the flow model's SDE")
     parser.add_argument("--eta", type=float, default=1.0, help="DDIM η, or the flow SDE's noise level (0.7)")
     args = parser.parse_args()

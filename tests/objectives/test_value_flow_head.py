@@ -140,3 +140,42 @@ def test_the_demo_config_with_its_value_head_resumes_exactly(tiny_sd_path, tmp_p
     expected, actual = trainable(uninterrupted), trainable(resumed)
     assert any(key.startswith("flow_head.") for key in expected)
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_the_x0_reading_head_and_the_mean_evaluation_point_train_and_check_their_options(
+    tiny_sd_path, tmp_path, monkeypatch
+):
+    """value_head_input: state_and_denoised builds a head on [x, x̂0_#] whose flow score runs through the frozen UNet;
+    flow_score_point: pretrained_mean evaluates it at μ_#(x); both train on the tiny SD; bad values are refused."""
+    from gflowdiff.cli import main
+    from tests.training.test_module import DIGITS_CONFIG
+    from tests.training.test_resume import fit_args
+
+    with pytest.raises(ValueError, match="value_head_input must be state or state_and_denoised"):
+        ResidualNablaDB(flow_head_fit="value", reward_guess_weighting="off", reverse_loss_scale=0.0,
+                        value_head_input="x0")  # fmt: skip
+    with pytest.raises(ValueError, match="flow_score_point pretrained_mean .* flow_head_fit: value"):
+        ResidualNablaDB(flow_score_point="pretrained_mean")
+    demo = str(DIGITS_CONFIG).replace("residual_nabla_db_paper.yaml", "residual_nabla_db.yaml")
+    options = [
+        "--model.objective.value_warmup_trajectories", "8", "--model.objective.value_warmup_epochs", "1",
+        "--model.objective.value_head_input", "state_and_denoised",
+        "--model.objective.flow_score_point", "pretrained_mean",
+    ]  # fmt: skip
+    points = []
+    original = ResidualNablaDB.flow_from_guess_next
+
+    def recording(self, chunk, guess, ctx, step, head_point=None):
+        points.append((head_point, chunk.x_next))
+        return original(self, chunk, guess, ctx, step, head_point)
+
+    monkeypatch.setattr(ResidualNablaDB, "flow_from_guess_next", recording)
+    monkeypatch.chdir(tmp_path)
+    args = [demo if value == str(DIGITS_CONFIG) else value for value in fit_args(tiny_sd_path, tmp_path, *options)]
+    cli = main(args)
+    head = cli.model.flow_head
+    assert head.denoised_input and head.convs[0].in_channels == 2 * cli.model.policy.latent_channels
+    assert points and cli.trainer.global_step > 0
+    for mean, x_next in points:  # μ_#(x), not the sampled x'
+        assert mean is not None and mean.shape == x_next.shape and not torch.equal(mean, x_next)
+    assert torch.isfinite(torch.tensor(cli.trainer.logged_metrics["loss"]))

@@ -11,7 +11,8 @@ no bootstrapping and does not move with the policy being trained. The flow score
 The head may also read the pretrained model's own guess of the clean sample, x̂0_#(x_t, t) (``denoised_input``): a
 deterministic function of x_t, so the minimiser is the same F̃(x_t), but one in which a digit's class is already
 visible at the high-noise steps that decide it. Its flow score then includes the pretrained denoiser's Jacobian,
-∇_x log σ(logit_φ(x, x̂0_#(x), t)), one vector-Jacobian product of the frozen model per evaluation.
+∇_x log σ(logit_φ(x, x̂0_#(x), t)), one vector-Jacobian product of the frozen model per evaluation. Measured on the
+digits: a better fit and better guidance, but not a better trained policy (docs/why-residual-nabla-db-stalled.md).
 """
 
 from __future__ import annotations

@@ -78,6 +78,4 @@ def migrate_objective(objective: Any, source: str) -> Any:
     for option, mapping in RENAMED_OBJECTIVE_VALUES.items():
         if init_args.get(option) in mapping:
             init_args[option] = mapping[init_args[option]]
-    if init_args.get("flow_head_fit") == "value" and "value_head_input" not in init_args:
-        init_args["value_head_input"] = "state"  # value heads before December 2026 read x_t alone
     return {**objective, "init_args": init_args}

@@ -99,10 +99,16 @@ class GradientDBObjective(Objective):
             the whole run (measured: refitting on each step's 16 fresh pretrained trajectories at the flow head's
             lr made the fit worse, BCE 0.39 → 0.50 in 20 steps).
         value_warmup_epochs: passes over the warm-up trajectories' states.
-        value_head_input: what F̃_φ reads: ``state_and_denoised`` (x_t and the pretrained model's x̂0_#(x_t), the
-            same minimiser F̃(x_t); its flow score runs through the frozen model, one extra pass and VJP per trained
-            transition; measured on the digits: guidance with it TV 0.040, p(even) 0.95, against 0.054–0.061 and
-            0.92–0.93 with ``state``, docs/why-residual-nabla-db-stalled.md) or ``state`` (x_t alone).
+        value_head_input: what F̃_φ reads: ``state`` (x_t) or ``state_and_denoised`` (x_t and the pretrained
+            model's x̂0_#(x_t): the same minimiser F̃(x_t); its flow score runs through the frozen model, one more
+            pass and VJP per evaluation). Measured on the digits (docs/why-residual-nabla-db-stalled.md): guidance
+            with the x̂0-reading head is at the floor (TV 0.040–0.044 against 0.054–0.061), but a policy trained on
+            it is not better (TV 0.071–0.109 against 0.062–0.071 at 100 steps), so ``state`` stays the default.
+        flow_score_point: where the forward condition reads the fitted flow score ∇ log F̃_φ: ``next_state`` (at the
+            sampled x', the ∇-DB condition as written) or ``pretrained_mean`` (at μ_#(x), the pretrained step's
+            mean: the policy's mean is then regressed onto μ_# + σ²·∇ log F̃_φ(μ_#), the first-order expansion of
+            the tilted kernel P_F^#·F̃(x')/F̃(x), the same continuous-time limit; residual ∇-DB with a value head;
+            measured: docs/why-residual-nabla-db-stalled.md).
         pathwise_weighting: with ``forward_flow_target: pathwise``, weight each transition's residual by
             R(x_T)^β·Π_{k≥j} P_F^#/P_F^b (gradient_db/pathwise_flow.py: pathwise_target_weights), which makes the
             minimiser the exact tilted kernel's mean shift at every iteration; False: unweighted (exact only once
@@ -133,7 +139,8 @@ class GradientDBObjective(Objective):
         flow_head_fit: Literal["detailed_balance", "value"] = "detailed_balance",
         value_warmup_trajectories: int = 4096,
         value_warmup_epochs: int = 6,
-        value_head_input: Literal["state", "state_and_denoised"] = "state_and_denoised",
+        value_head_input: Literal["state", "state_and_denoised"] = "state",
+        flow_score_point: Literal["next_state", "pretrained_mean"] = "next_state",
     ):
         super().__init__()
         if pass_structure not in ("fused", "stacked"):
@@ -206,6 +213,16 @@ class GradientDBObjective(Objective):
         self.flow_head_fit = flow_head_fit
         self.value_warmup_trajectories, self.value_warmup_epochs = value_warmup_trajectories, value_warmup_epochs
         self.value_head_input = value_head_input
+        if flow_score_point not in ("next_state", "pretrained_mean"):
+            raise ValueError(
+                f"--model.objective.flow_score_point must be next_state or pretrained_mean, got {flow_score_point!r}"
+            )
+        if flow_score_point == "pretrained_mean" and (flow_head_fit != "value" or not self.stacks_pretrained_pass):
+            raise ValueError(
+                "--model.objective.flow_score_point pretrained_mean evaluates the fitted value head at μ_#(x): it "
+                "needs ResidualNablaDB (the pretrained pass) with flow_head_fit: value"
+            )
+        self.flow_score_point = flow_score_point
 
     @property
     def uses_flow_head(self) -> bool:
@@ -415,10 +432,12 @@ class GradientDBObjective(Objective):
         return bool(chunk.is_terminal.any()) or self.reward_guess_weighting != "off"
 
     def flow_from_guess_next(
-        self, chunk: Transitions, guess: Tensor, ctx: ObjectiveContext, step: TransitionStep
-    ) -> tuple[Tensor, Tensor]:
+        self, chunk: Transitions, guess: Tensor, ctx: ObjectiveContext, step: TransitionStep,
+        head_point: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
         """∇_{x'} log F(x') from ∇_{x'} r at the guess point: β·∇r(x_T) on terminal rows (γ = 1, the paper's
         terminal condition; the reference multiplies by ᾱ_0 ≈ 0.999), else g_φ(x', t−Δ) + β·γ·∇_{x'} r(D(x̂0)).
+        ``head_point``: where the head is evaluated instead of x' (``flow_score_point: pretrained_mean``).
         Returns (flow score, g_φ(x') on the terminal rows for the terminal loss; never detached)."""
         terminal = chunk.is_terminal
         gamma = per_sample(guess_weight(step.signal_next, self.reward_guess_weighting), guess)  # γ(ᾱ_{t−Δ})
@@ -430,7 +449,8 @@ class GradientDBObjective(Objective):
                 ctx, chunk.t_prev, chunk.prompt_embeds, chunk.negative_embeds, step, at_next=True
             )
             options = {} if denoise is None else {"denoise": denoise}  # the score head g_φ takes no denoiser
-            g = ctx.flow_head(chunk.x_next, chunk.t_prev, chunk.prompt_embeds.embeds, **options)
+            point = chunk.x_next if head_point is None else head_point
+            g = ctx.flow_head(point, chunk.t_prev, chunk.prompt_embeds.embeds, **options)
             mask = per_sample(terminal, g)
             in_target = g.detach() if self.detach_flow_in_forward_target else g
             flow = flow + (1 - mask) * in_target  # no g on terminal states: the terminal condition is exact
@@ -554,7 +574,8 @@ class GradientDBObjective(Objective):
         stacked = self.pass_structure == "stacked"
         structure_scores = self.stacked_structure_scores if stacked else self.fused_structure_scores
         prior, at_x, guess_next, policy_rev_plus_guess = structure_scores(chunk, ctx, step, source)
-        flow_next, g_terminal = self.flow_from_guess_next(chunk, guess_next, ctx, step)
+        head_point = prior.mean if self.flow_score_point == "pretrained_mean" else None
+        flow_next, g_terminal = self.flow_from_guess_next(chunk, guess_next, ctx, step, head_point)
         g_cur = None
         if policy_rev_plus_guess is not None:
             # flow_cur = g_φ(x) + β·γ_t·∇_x r: its reward part is already in policy_rev_plus_guess (docs/method.md §2.3)

@@ -58,4 +58,4 @@ class ResidualNablaDB(GradientDBObjective):
         """ρ·(∇_{x'} log P_F^#(x'|x), ∇_x log P_F^#(x'|x)) from μ_#(x) and the unscaled reverse score."""
         rho = self.pretrained_strength
         forward = step.forward_score(chunk.x_next, mean)
-        return Scores(forward=rho * forward, reverse=None if reverse is None else rho * reverse)
+        return Scores(forward=rho * forward, reverse=None if reverse is None else rho * reverse, mean=mean)

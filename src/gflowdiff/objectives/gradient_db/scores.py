@@ -17,8 +17,11 @@ from gflowdiff.objectives.gradient_db.math import GuessWeighting
 
 @dataclass
 class Scores:
+    """The prior's ∇_{x'} and ∇_x log-density of the transition, and (residual ∇-DB) the pretrained mean μ_#(x)."""
+
     forward: Tensor
     reverse: Tensor | None
+    mean: Tensor | None = None
 
 
 @dataclass
@@ -52,8 +55,9 @@ class PassOwner(Protocol):
     ) -> tuple[Tensor, Tensor]: ...
 
     def flow_from_guess_next(
-        self, chunk: Transitions, guess: Tensor, ctx: ObjectiveContext, step: TransitionStep
-    ) -> tuple[Tensor, Tensor]: ...
+        self, chunk: Transitions, guess: Tensor, ctx: ObjectiveContext, step: TransitionStep,
+        head_point: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]: ...  # fmt: skip
 
     def reward_pullback(self, x0_hat: Tensor, prompts: list[str], ctx: ObjectiveContext) -> Tensor: ...
 
