@@ -103,28 +103,43 @@ def test_draft_trains_through_deterministic_ddim_on_sdxl(tiny_sdxl_path, tmp_pat
     assert any(torch.count_nonzero(p) for p in trained)
 
 
-@pytest.mark.parametrize("config", ["residual_nabla_db", "ddpo"])
-def test_an_objective_needing_a_density_refuses_the_deterministic_sampler(config, tiny_sd3_path, tmp_path, monkeypatch):
+def forbid_loading(monkeypatch, before: str) -> None:
+    """Make loading the model fail: the refusal under test must come first."""
     from gflowdiff.diffusion import policy
 
     def no_loading(*args, **kwargs):
-        raise AssertionError("the model was loaded before the sampler was checked")
+        raise AssertionError(f"the model was loaded before {before}")
 
     monkeypatch.setattr(policy.DiffusionPolicy, "__init__", no_loading)
+
+
+@pytest.mark.parametrize("config", ["residual_nabla_db", "ddpo"])
+def test_an_objective_needing_a_density_refuses_the_deterministic_sampler(config, tiny_sd3_path, tmp_path, monkeypatch):
+    forbid_loading(monkeypatch, "the sampler was checked")
     with pytest.raises(ValueError, match=r"--model.sampler.eta 0 is the deterministic sampler.*--model.objective"):
         main(two_steps(config, str(tiny_sd3_path), tmp_path, ["--model.sampler.eta", "0"]))
 
 
 @pytest.mark.parametrize("config", ["db", "residual_db"])
 def test_an_objective_written_for_ddim_is_refused_on_a_flow_model(config, tiny_sd3_path, tmp_path, monkeypatch):
-    from gflowdiff.diffusion import policy
-
-    def no_loading(*args, **kwargs):
-        raise AssertionError("the model was loaded before the objective's kernel was checked")
-
-    monkeypatch.setattr(policy.DiffusionPolicy, "__init__", no_loading)
+    forbid_loading(monkeypatch, "the objective's kernel was checked")
     with pytest.raises(ValueError, match=r"--model.objective \w+ runs on diffusion models; --model.pretrained_model"):
         main(two_steps(config, str(tiny_sd3_path), tmp_path))
+
+
+def assert_loaded_lora_matches(policy, call_loaded, t: torch.Tensor) -> None:
+    """The pipeline's denoiser with the exported LoRA loaded (``call_loaded(x, t, cond)``) equals gflowdiff's
+    fine-tuned one, which two steps moved away from the pretrained one."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, policy.latent_channels, policy.latent_size, policy.latent_size, generator=generator)
+    cond = policy.encode_prompts(["a handwritten digit 3", "a cat"])
+    with torch.no_grad():
+        tuned = policy.guided_output(x, t, cond, cond, 1.0)
+        loaded = call_loaded(x, t, cond)
+        with policy.reference():
+            pretrained = policy.guided_output(x, t, cond, cond, 1.0)
+    assert (tuned - pretrained).abs().max() > 1e-6  # two steps moved the LoRA
+    torch.testing.assert_close(loaded, tuned, rtol=1e-5, atol=1e-5)
 
 
 def test_exported_sd3_lora_reproduces_the_fine_tuned_transformer(tiny_sd3_path, tmp_path, monkeypatch):
@@ -132,23 +147,15 @@ def test_exported_sd3_lora_reproduces_the_fine_tuned_transformer(tiny_sd3_path, 
     from diffusers import StableDiffusion3Pipeline
 
     cli = fit_two_steps("residual_nabla_db", str(tiny_sd3_path), tmp_path, monkeypatch, ["--model.sampler.eta", "0.7"])
-    policy = cli.model.policy
-    lora = Path(cli.trainer.log_dir) / "lora"
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path)
-    pipe.load_lora_weights(lora)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, policy.latent_channels, policy.latent_size, policy.latent_size, generator=generator)
-    cond = policy.encode_prompts(["a handwritten digit 3", "a cat"])
-    t = torch.tensor([800.0, 200.0])
-    with torch.no_grad():
-        tuned = policy.guided_output(x, t, cond, cond, 1.0)
-        loaded = pipe.transformer(
+    pipe.load_lora_weights(Path(cli.trainer.log_dir) / "lora")
+
+    def call_loaded(x, t, cond):
+        return pipe.transformer(
             hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled
         ).sample
-        with policy.reference():
-            pretrained = policy.guided_output(x, t, cond, cond, 1.0)
-    assert (tuned - pretrained).abs().max() > 1e-6  # two steps moved the LoRA
-    torch.testing.assert_close(loaded, tuned, rtol=1e-5, atol=1e-5)
+
+    assert_loaded_lora_matches(cli.model.policy, call_loaded, torch.tensor([800.0, 200.0]))
 
 
 def test_exported_sdxl_lora_reproduces_the_fine_tuned_unet(tiny_sdxl_path, tmp_path, monkeypatch):
@@ -157,21 +164,14 @@ def test_exported_sdxl_lora_reproduces_the_fine_tuned_unet(tiny_sdxl_path, tmp_p
     from diffusers import StableDiffusionXLPipeline
 
     cli = fit_two_steps("residual_nabla_db", str(tiny_sdxl_path), tmp_path, monkeypatch)
-    policy = cli.model.policy
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
     pipe.load_lora_weights(Path(cli.trainer.log_dir) / "lora")
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, policy.latent_channels, policy.latent_size, policy.latent_size, generator=generator)
-    cond = policy.encode_prompts(["a handwritten digit 3", "a cat"])
-    t = torch.tensor([800, 200])
-    with torch.no_grad():
-        tuned = policy.guided_output(x, t, cond, cond, 1.0)
+
+    def call_loaded(x, t, cond):
         added = {"text_embeds": cond.pooled, "time_ids": cond.extra["time_ids"]}
-        loaded = pipe.unet(x, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=added).sample
-        with policy.reference():
-            pretrained = policy.guided_output(x, t, cond, cond, 1.0)
-    assert (tuned - pretrained).abs().max() > 1e-6  # two steps moved the LoRA
-    torch.testing.assert_close(loaded, tuned, rtol=1e-5, atol=1e-5)
+        return pipe.unet(x, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=added).sample
+
+    assert_loaded_lora_matches(cli.model.policy, call_loaded, torch.tensor([800, 200]))
 
 
 def test_residual_nabla_db_trains_the_embedded_flow_model(tmp_path, monkeypatch):

@@ -127,30 +127,35 @@ class DDPMKernel(TransitionKernel):
         return math.backward_kernel_sample(x_next, time, time_next, noise)
 
 
-class DDIMODE(DDPMKernel):
+class DeterministicKernel(TransitionKernel):
+    """A sampler step without a transition density (σ = 0): its log-prob and scores raise
+    :class:`NoTransitionDensityError`, naming the kernel and the option that selects it. P_B's draw stays."""
+
+    stochastic = False
+
+    def log_prob(self, x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        raise _no_density(type(self).__name__, "log_prob")
+
+    def forward_score(self, x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        raise _no_density(type(self).__name__, "forward_score")
+
+    def reverse_score(self, x: Tensor, x_next: Tensor, mean: Tensor, std: Tensor, create_graph: bool = False) -> Tensor:
+        raise _no_density(type(self).__name__, "reverse_score")
+
+    def backward_scores(self, x: Tensor, x_next: Tensor, time: Tensor, time_next: Tensor) -> tuple[Tensor, Tensor]:
+        raise _no_density(type(self).__name__, "backward_scores")
+
+
+class DDIMODE(DeterministicKernel, DDPMKernel):
     """Deterministic DDIM (η = 0): the same mean as :class:`DDPMKernel` with σ = 0, x' = μ(x). It has no transition
     density, so only the objectives that backpropagate the reward through the sampler (ReFL, DRaFT) and evaluation
     run on it; every log-prob or score raises :class:`NoTransitionDensityError`. P_B stays the DDPM noising kernel."""
-
-    stochastic = False
 
     def __init__(self) -> None:
         self.eta = 0.0
 
     def __repr__(self) -> str:
         return "DDIMODE()"
-
-    def log_prob(self, x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-        raise _no_density("DDIMODE", "log_prob")
-
-    def forward_score(self, x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-        raise _no_density("DDIMODE", "forward_score")
-
-    def reverse_score(self, x: Tensor, x_next: Tensor, mean: Tensor, std: Tensor, create_graph: bool = False) -> Tensor:
-        raise _no_density("DDIMODE", "reverse_score")
-
-    def backward_scores(self, x: Tensor, x_next: Tensor, time: Tensor, time_next: Tensor) -> tuple[Tensor, Tensor]:
-        raise _no_density("DDIMODE", "backward_scores")
 
 
 class FlowSDEKernel(TransitionKernel):
@@ -211,14 +216,12 @@ class FlowSDEKernel(TransitionKernel):
         return super().reverse_score(x, _upcast(x_next), mean, std, create_graph=create_graph)
 
 
-class EulerODE(TransitionKernel):
+class EulerODE(DeterministicKernel):
     """The deterministic Euler sampler of a rectified-flow model, x' = x + v·(s_next − s) (diffusers'
     ``FlowMatchEulerDiscreteScheduler``), the reference for the SDE's marginals. It has
     no transition density: ``std`` is 0 and every log-prob or score raises :class:`NoTransitionDensityError`.
     ``time`` = s, ``time_next`` = s_next; ``output`` = the velocity v.
     """
-
-    stochastic = False
 
     def __repr__(self) -> str:
         return "EulerODE()"
@@ -234,18 +237,6 @@ class EulerODE(TransitionKernel):
 
     def std(self, time: Tensor, time_next: Tensor) -> Tensor:
         return torch.zeros_like(time, dtype=torch.promote_types(time.dtype, torch.float32))
-
-    def log_prob(self, x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-        raise _no_density("EulerODE", "log_prob")
-
-    def forward_score(self, x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-        raise _no_density("EulerODE", "forward_score")
-
-    def reverse_score(self, x: Tensor, x_next: Tensor, mean: Tensor, std: Tensor, create_graph: bool = False) -> Tensor:
-        raise _no_density("EulerODE", "reverse_score")
-
-    def backward_scores(self, x: Tensor, x_next: Tensor, time: Tensor, time_next: Tensor) -> tuple[Tensor, Tensor]:
-        raise _no_density("EulerODE", "backward_scores")
 
     def backward_sample(self, x_next: Tensor, noise: Tensor, time: Tensor, time_next: Tensor) -> Tensor:
         """The rectified-flow noising kernel: P_B is a property of the marginals, not of the sampler."""
