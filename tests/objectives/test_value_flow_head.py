@@ -146,7 +146,7 @@ def test_the_x0_reading_head_and_the_mean_evaluation_point_train_and_check_their
     tiny_sd_path, tmp_path, monkeypatch
 ):
     """value_head_input: state_and_denoised builds a head on [x, x̂0_#] whose flow score runs through the frozen UNet;
-    flow_score_point: pretrained_mean evaluates it at μ_#(x); both train on the tiny SD; bad values are refused."""
+    flow_score_point: step_mean evaluates it at μ_#(x); both train on the tiny SD; bad values are refused."""
     from gflowdiff.cli import main
     from tests.training.test_module import DIGITS_CONFIG
     from tests.training.test_resume import fit_args
@@ -154,13 +154,15 @@ def test_the_x0_reading_head_and_the_mean_evaluation_point_train_and_check_their
     with pytest.raises(ValueError, match="value_head_input must be state or state_and_denoised"):
         ResidualNablaDB(flow_head_fit="value", reward_guess_weighting="off", reverse_loss_scale=0.0,
                         value_head_input="x0")  # fmt: skip
-    with pytest.raises(ValueError, match="flow_score_point pretrained_mean .* flow_head_fit: value"):
-        ResidualNablaDB(flow_score_point="pretrained_mean")
+    with pytest.raises(ValueError, match="flow_score_point step_mean .* flow_head_fit: value"):
+        ResidualNablaDB(flow_score_point="step_mean")
+    with pytest.raises(ValueError, match="flow_score_point must be next_state or step_mean"):
+        ResidualNablaDB(flow_score_point="mean")
     demo = str(DIGITS_CONFIG).replace("residual_nabla_db_paper.yaml", "residual_nabla_db.yaml")
     options = [
         "--model.objective.value_warmup_trajectories", "8", "--model.objective.value_warmup_epochs", "1",
         "--model.objective.value_head_input", "state_and_denoised",
-        "--model.objective.flow_score_point", "pretrained_mean",
+        "--model.objective.flow_score_point", "step_mean",
     ]  # fmt: skip
     points = []
     original = ResidualNablaDB.flow_from_guess_next

@@ -105,10 +105,10 @@ class GradientDBObjective(Objective):
             with the x̂0-reading head is at the floor (TV 0.040–0.044 against 0.054–0.061), but a policy trained on
             it is not better (TV 0.071–0.109 against 0.062–0.071 at 100 steps), so ``state`` stays the default.
         flow_score_point: where the forward condition reads the fitted flow score ∇ log F̃_φ: ``next_state`` (at the
-            sampled x', the ∇-DB condition as written) or ``pretrained_mean`` (at μ_#(x), the pretrained step's
-            mean: the policy's mean is then regressed onto μ_# + σ²·∇ log F̃_φ(μ_#), the first-order expansion of
-            the tilted kernel P_F^#·F̃(x')/F̃(x), the same continuous-time limit; residual ∇-DB with a value head;
-            measured: docs/why-residual-nabla-db-stalled.md).
+            sampled x', the ∇-DB condition as written) or ``step_mean`` (at the step's mean: μ_#(x) for residual
+            ∇-DB, whose policy mean is then regressed onto μ_# + σ²·∇ log F̃_φ(μ_#), the first-order expansion of
+            the tilted kernel P_F^#·F̃(x')/F̃(x), the same continuous-time limit; the policy's own mean, detached,
+            for ∇-DB). Needs ``flow_head_fit: value``; measured: docs/why-residual-nabla-db-stalled.md.
         pathwise_weighting: with ``forward_flow_target: pathwise``, weight each transition's residual by
             R(x_T)^β·Π_{k≥j} P_F^#/P_F^b (gradient_db/pathwise_flow.py: pathwise_target_weights), which makes the
             minimiser the exact tilted kernel's mean shift at every iteration; False: unweighted (exact only once
@@ -140,7 +140,7 @@ class GradientDBObjective(Objective):
         value_warmup_trajectories: int = 4096,
         value_warmup_epochs: int = 6,
         value_head_input: Literal["state", "state_and_denoised"] = "state",
-        flow_score_point: Literal["next_state", "pretrained_mean"] = "next_state",
+        flow_score_point: Literal["next_state", "step_mean"] = "next_state",
     ):
         super().__init__()
         if pass_structure not in ("fused", "stacked"):
@@ -213,14 +213,14 @@ class GradientDBObjective(Objective):
         self.flow_head_fit = flow_head_fit
         self.value_warmup_trajectories, self.value_warmup_epochs = value_warmup_trajectories, value_warmup_epochs
         self.value_head_input = value_head_input
-        if flow_score_point not in ("next_state", "pretrained_mean"):
+        if flow_score_point not in ("next_state", "step_mean"):
             raise ValueError(
-                f"--model.objective.flow_score_point must be next_state or pretrained_mean, got {flow_score_point!r}"
+                f"--model.objective.flow_score_point must be next_state or step_mean, got {flow_score_point!r}"
             )
-        if flow_score_point == "pretrained_mean" and (flow_head_fit != "value" or not self.stacks_pretrained_pass):
+        if flow_score_point == "step_mean" and flow_head_fit != "value":
             raise ValueError(
-                "--model.objective.flow_score_point pretrained_mean evaluates the fitted value head at μ_#(x): it "
-                "needs ResidualNablaDB (the pretrained pass) with flow_head_fit: value"
+                "--model.objective.flow_score_point step_mean evaluates the fitted value head at the step's mean: "
+                "it needs flow_head_fit: value"
             )
         self.flow_score_point = flow_score_point
 
@@ -437,7 +437,7 @@ class GradientDBObjective(Objective):
     ) -> tuple[Tensor, Tensor]:  # fmt: skip
         """∇_{x'} log F(x') from ∇_{x'} r at the guess point: β·∇r(x_T) on terminal rows (γ = 1, the paper's
         terminal condition; the reference multiplies by ᾱ_0 ≈ 0.999), else g_φ(x', t−Δ) + β·γ·∇_{x'} r(D(x̂0)).
-        ``head_point``: where the head is evaluated instead of x' (``flow_score_point: pretrained_mean``).
+        ``head_point``: where the head is evaluated instead of x' (``flow_score_point: step_mean``).
         Returns (flow score, g_φ(x') on the terminal rows for the terminal loss; never detached)."""
         terminal = chunk.is_terminal
         gamma = per_sample(guess_weight(step.signal_next, self.reward_guess_weighting), guess)  # γ(ᾱ_{t−Δ})
@@ -574,7 +574,9 @@ class GradientDBObjective(Objective):
         stacked = self.pass_structure == "stacked"
         structure_scores = self.stacked_structure_scores if stacked else self.fused_structure_scores
         prior, at_x, guess_next, policy_rev_plus_guess = structure_scores(chunk, ctx, step, source)
-        head_point = prior.mean if self.flow_score_point == "pretrained_mean" else None
+        head_point = None
+        if self.flow_score_point == "step_mean":  # μ_#(x) (residual ∇-DB), else the policy's own mean, detached
+            head_point = prior.mean if prior.mean is not None else at_x.mean.detach()
         flow_next, g_terminal = self.flow_from_guess_next(chunk, guess_next, ctx, step, head_point)
         g_cur = None
         if policy_rev_plus_guess is not None:
