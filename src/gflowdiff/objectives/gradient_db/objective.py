@@ -103,7 +103,7 @@ class GradientDBObjective(Objective):
             model's x̂0_#(x_t): the same minimiser F̃(x_t); its flow score runs through the frozen model, one more
             pass and VJP per evaluation). Measured on the digits (docs/why-residual-nabla-db-stalled.md): guidance
             with the x̂0-reading head is at the floor (TV 0.040–0.044 against 0.054–0.061), but a policy trained on
-            it is not better (TV 0.071–0.109 against 0.062–0.071 at 100 steps), so ``state`` stays the default.
+            it is not better (TV 0.071–0.109 at 100 steps, the x_t head's 0.050–0.101), so ``state`` stays the default.
         flow_score_point: where the forward condition reads the fitted flow score ∇ log F̃_φ: ``next_state`` (at the
             sampled x', the ∇-DB condition as written) or ``step_mean`` (at the step's mean: μ_#(x) for residual
             ∇-DB, whose policy mean is then regressed onto μ_# + σ²·∇ log F̃_φ(μ_#), the first-order expansion of
