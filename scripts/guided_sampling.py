@@ -33,7 +33,7 @@ def flow_score(module, x: torch.Tensor, t_next: torch.Tensor, embeds: torch.Tens
     """∇ log F̃ at states x of time t_next: the fitted head's, or β·∇r(x) after the last step. ``denoise``: x ↦ x̂0_#(x)
     for a head that reads it (``value_head_input: state_and_denoised``)."""
     if not last:
-        return module.flow_head(x, t_next, embeds, denoise=denoise)
+        return module.flow_head(x, t_next, embeds, **({} if denoise is None else {"denoise": denoise}))
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
         (gradient,) = torch.autograd.grad(module.reward(module.policy.decode(leaf), prompts).sum(), leaf)

@@ -60,7 +60,8 @@ def test_warm_up_fits_the_exact_flow_score_of_a_curved_reward(head_input):
         x, t = rollout.latents[:, k], rollout.timesteps[k].repeat(512)
         step = policy.transition_step(t, rollout.prev_timesteps[k].repeat(512), SAMPLER.eta)
         denoise = objective.pretrained_denoiser(context, t, rollout.prompt_embeds, rollout.negative_embeds, step, False)
-        fitted = head(x, t, rollout.prompt_embeds.embeds, denoise=denoise).flatten(1).to(F64)
+        options = {} if denoise is None else {"denoise": denoise}
+        fitted = head(x, t, rollout.prompt_embeds.embeds, **options).flatten(1).to(F64)
         curvature, slope = exact[k]
         truth = slope - x.flatten(1).to(F64) @ curvature.T  # ∇ log F̃_k(x) = h_k − H_k x
         errors.append(float((fitted - truth).norm(dim=1).mean() / truth.norm(dim=1).mean()))

@@ -60,8 +60,7 @@ class FlowHead(nn.Module):
         nn.init.zeros_(self.unet.conv_out.weight)
         nn.init.zeros_(self.unet.conv_out.bias)
 
-    def forward(self, x: Tensor, t: Tensor, prompt_embeds: Tensor, denoise=None) -> Tensor:
-        """g_φ(x, t, c); ``denoise`` is accepted for the value head's call signature and not used (g_φ reads x)."""
+    def forward(self, x: Tensor, t: Tensor, prompt_embeds: Tensor) -> Tensor:
         # The timestep after the last sampler step is negative (t − Δ < 0); the reference feeds 0 there.
         with torch.autocast(device_type=x.device.type, enabled=False):  # runs in fp32, like the reference
             return self.unet(x.float(), t.clamp(min=0), encoder_hidden_states=prompt_embeds.float()).sample

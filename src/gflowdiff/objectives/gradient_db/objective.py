@@ -448,8 +448,9 @@ class GradientDBObjective(Objective):
             denoise = self.pretrained_denoiser(
                 ctx, chunk.t_prev, chunk.prompt_embeds, chunk.negative_embeds, step, at_next=True
             )
+            options = {} if denoise is None else {"denoise": denoise}  # the score head g_φ takes no denoiser
             point = chunk.x_next if head_point is None else head_point
-            g = ctx.flow_head(point, chunk.t_prev, chunk.prompt_embeds.embeds, denoise=denoise)
+            g = ctx.flow_head(point, chunk.t_prev, chunk.prompt_embeds.embeds, **options)
             mask = per_sample(terminal, g)
             in_target = g.detach() if self.detach_flow_in_forward_target else g
             flow = flow + (1 - mask) * in_target  # no g on terminal states: the terminal condition is exact
